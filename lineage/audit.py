@@ -1,0 +1,115 @@
+"""The audit without the cluster: plan it, reduce results, decide verdicts.
+
+`plan_audit` resolves every model (headers only), aligns each suspect with
+the candidates and packs the work into units. `Reducer` takes worker results
+in any order, sums the row-range parts of a split tensor, writes each row as
+soon as its tensor is complete, and finally reads the dataset back to decide
+the verdicts. The Ray job in `jobs/audit.py` is the loop between the two;
+`run_local` is the same loop in one process, for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lineage.align import Group, align
+from lineage.modelset import ModelSet
+from lineage.output import TensorWriter, read_rows, write_verdicts
+from lineage.plan import Unit, plan_units
+from lineage.rows import tensor_row
+from lineage.source import Model, resolve
+from lineage.stats import Stats
+from lineage.verdict import Candidate, decide
+from lineage.work import ItemResult, run_unit
+
+log = logging.getLogger("lineage")
+
+
+@dataclass
+class AuditPlan:
+    model_set: ModelSet
+    suspects: list[Model]
+    candidates: list[Model]
+    groups: list[Group]  # all suspects' groups; the index is the gid
+    unmatched: dict[str, dict[str, int]]  # suspect -> candidate -> unused candidate tensors
+    units: list[Unit]
+    seconds: float = 0.0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes for u in self.units)
+
+
+def plan_audit(ms: ModelSet, unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> AuditPlan:
+    t0 = time.perf_counter()
+    candidates = [resolve(c.name, c.source) for c in ms.candidates]
+    suspects = [resolve(s.name, s.source) for s in ms.suspects]
+    groups: list[Group] = []
+    unmatched = {}
+    for s in suspects:
+        gs, um = align(s, candidates)
+        groups.extend(gs)
+        unmatched[s.name] = {k: len(v) for k, v in um.items()}
+    units = plan_units(groups, unit_bytes, min_units, max_item_bytes)
+    return AuditPlan(ms, suspects, candidates, groups, unmatched, units, time.perf_counter() - t0)
+
+
+@dataclass
+class Reducer:
+    """Merges item results into rows and streams them to the dataset."""
+
+    plan: AuditPlan
+    out_dir: Path
+    flush_rows: int = 2000
+    writer: TensorWriter = field(init=False)
+    _parts: dict[int, list[ItemResult]] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        self.writer = TensorWriter(self.out_dir, self.flush_rows)
+        base = self.plan.model_set.base
+        for gid, g in enumerate(self.plan.groups):
+            if g.status != "ok":
+                self.writer.add(g.suspect, tensor_row(g, None, base=base))
+
+    def add(self, results: list[ItemResult], unit: int = -1) -> None:
+        for r in results:
+            parts = self._parts.setdefault(r.gid, [])
+            parts.append(r)
+            if len(parts) == r.parts:
+                self._finish(r.gid, self._parts.pop(r.gid), unit)
+
+    def _finish(self, gid: int, parts: list[ItemResult], unit: int) -> None:
+        g = self.plan.groups[gid]
+        errors = [p.error for p in parts if p.error]
+        stats = None
+        if not errors:
+            stats = Stats.from_dict(parts[0].stats)  # type: ignore[arg-type]
+            for p in sorted(parts[1:], key=lambda p: p.part):
+                stats.merge(Stats.from_dict(p.stats))  # type: ignore[arg-type]
+        self.writer.add(g.suspect, tensor_row(g, stats, errors[0] if errors else None, self.plan.model_set.base, unit))
+
+    def finish(self) -> list[dict]:
+        """Flush the rows, decide and write every verdict; return them."""
+        self.writer.close()
+        if self._parts:
+            missing = sorted(self.plan.groups[g].tensor for g in self._parts)
+            raise RuntimeError(f"incomplete tensors after all units: {missing[:5]}")
+        cands = [Candidate(c.name, c.base) for c in self.plan.model_set.candidates]
+        verdicts = [
+            decide(s.name, read_rows(self.out_dir, s.name), cands, self.plan.unmatched.get(s.name))
+            for s in self.plan.suspects
+        ]
+        write_verdicts(self.out_dir, verdicts)
+        return verdicts
+
+
+def run_local(ms: ModelSet, out_dir: Path, chunk_bytes: int = 64 << 20, unit_bytes: int = 256 << 20) -> list[dict]:
+    """The whole audit in this process (no Ray)."""
+    plan = plan_audit(ms, unit_bytes)
+    red = Reducer(plan, Path(out_dir))
+    for u in plan.units:
+        red.add(run_unit(u, chunk_bytes, ms.base), u.uid)
+    return red.finish()

@@ -1,0 +1,57 @@
+"""The safetensors dtypes lineage can compare, as data.
+
+`unit_roundoff` is the relative rounding error of storing a real number in
+that dtype (half an ULP at the top of a binade): the scale below which two
+copies of a weight count as the same value stored twice. FP8 E4M3 keeps 3
+mantissa bits, so its roundoff is 2^-4; with 128x128 block scales the error
+of real weights is a few percent, as DESIGN.md says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DType:
+    name: str
+    itemsize: int
+    torch_dtype: torch.dtype | None
+    is_float: bool
+    unit_roundoff: float
+
+
+_TABLE = [
+    DType("F64", 8, torch.float64, True, 2.0**-53),
+    DType("F32", 4, torch.float32, True, 2.0**-24),
+    DType("F16", 2, torch.float16, True, 2.0**-11),
+    DType("BF16", 2, torch.bfloat16, True, 2.0**-8),
+    DType("F8_E4M3", 1, torch.float8_e4m3fn, True, 2.0**-4),
+    DType("F8_E5M2", 1, torch.float8_e5m2, True, 2.0**-3),
+    DType("I64", 8, torch.int64, False, 0.0),
+    DType("I32", 4, torch.int32, False, 0.0),
+    DType("I16", 2, torch.int16, False, 0.0),
+    DType("I8", 1, torch.int8, False, 0.0),
+    DType("U8", 1, torch.uint8, False, 0.0),
+    DType("U16", 2, None, False, 0.0),
+    DType("U32", 4, None, False, 0.0),
+    DType("U64", 8, None, False, 0.0),
+    DType("BOOL", 1, torch.bool, False, 0.0),
+]
+DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
+FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
+
+
+def rounding_tolerance(a: str, b: str) -> float:
+    """Largest relative distance explained by storing one weight in dtypes a and b.
+
+    Two tensors in the same dtype that hold the same values are bit-equal, so
+    the tolerance is a small fraction of an ULP (a rare flip from a round
+    trip). Across dtypes the coarser dtype's roundoff bounds the RMS error.
+    """
+    ua, ub = DTYPES[a].unit_roundoff, DTYPES[b].unit_roundoff
+    if a == b:
+        return ua / 16
+    return max(ua, ub)

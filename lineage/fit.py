@@ -1,0 +1,215 @@
+"""Per-tensor fits from `Stats`: each candidate alone, and the blend.
+
+Single candidate: cosine, centered correlation (Pearson), relative distance
+|s - p| / |s|, fraction of bit-equal elements, and z = corr * sqrt(n): the
+number of standard deviations above the null of unrelated tensors, whose
+correlation is 0 +- 1/sqrt(n).
+
+Blend: the suspect is fitted as an affine combination of the candidates,
+
+    s - b = sum_i a_i (p_i - b)      (b = base, a candidate; w_b = 1 - sum a_i)
+
+which is the base-relative ("delta space") fit of DESIGN.md. Related
+parents are nearly collinear as raw vectors (a fine-tune and its base have
+cosine ~0.999), so the unconstrained fit s = sum c_i p_i is ill-conditioned
+(`raw_cond` reports by how much); their differences from a common base are
+not. The affine weights do not depend on which candidate is the base; the
+base only fixes what R^2 and `cos_fit` (cos of s - b with its fit) measure.
+
+The residual is the last pivot of a Cholesky factorisation of the augmented
+Gram [[A, g], [g', t't]] (the R of a QR of the augmented columns), built
+from difference columns, not `t't - 2 a'g + a'Aa` on raw magnitudes.
+Standard errors are ordinary least squares ones (residual variance times
+(C'C)^-1): they measure how well the data pin the coefficient, and are what
+separates a weight from rounding noise; the spread across tensors, reported
+by the verdict, measures consistency.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lineage.stats import Stats
+
+#: Columns whose part independent of the others is below this fraction of
+#: their norm are dropped from a blend (an alias or an unchanged tensor).
+DEPENDENT = 1e-9
+
+
+@dataclass
+class Single:
+    candidate: str
+    cosine: float
+    corr: float
+    rel_dist: float
+    exact_frac: float
+    z: float
+
+
+@dataclass
+class Blend:
+    base: str
+    weights: dict[str, float | None]  # None: dropped as collinear
+    se: dict[str, float | None]
+    residual_rel: float  # |s - fit| / |s|
+    r2: float  # of s - b
+    cos_fit: float
+    cond: float
+    raw_cond: float
+
+
+class Forms:
+    """Inner products of the vectors behind a Stats, as quadratic forms."""
+
+    def __init__(self, st: Stats) -> None:
+        self.st = st
+        self.g = st.gram
+        self.m = len(st.order) + 1
+
+    def vec(self, who: str) -> torch.Tensor:
+        """Coefficients over the Y columns of the suspect or a candidate."""
+        v = torch.zeros(self.m, dtype=torch.float64)
+        v[0] = 1.0
+        if who == "suspect":
+            v[self.m - 1] = 1.0
+        else:
+            i = self.st.order.index(who)
+            if i:
+                v[i] = 1.0
+        return v
+
+    def diff(self, a: str, b: str) -> torch.Tensor:
+        """Coefficients of a - b; only difference columns, never the reference."""
+        v = self.vec(a) - self.vec(b)
+        v[0] = 0.0
+        return v
+
+    def dot(self, u: torch.Tensor, v: torch.Tensor) -> float:
+        return float(u @ self.g @ v)
+
+    def total(self, u: torch.Tensor) -> float:
+        return float(u @ self.st.sums)
+
+
+def single(st: Stats, cand: str) -> Single:
+    f = Forms(st)
+    n = st.n
+    s, p = f.vec("suspect"), f.vec(cand)
+    ss, pp, sp = f.dot(s, s), f.dot(p, p), f.dot(s, p)
+    d = f.diff("suspect", cand)
+    dd = max(f.dot(d, d), 0.0)
+    ms, mp = f.total(s) / n, f.total(p) / n
+    var_s, var_p = ss - n * ms * ms, pp - n * mp * mp
+    cov = sp - n * ms * mp
+    cos = sp / math.sqrt(ss * pp) if ss > 0 and pp > 0 else float("nan")
+    corr = cov / math.sqrt(var_s * var_p) if var_s > 0 and var_p > 0 else float("nan")
+    rel = math.sqrt(dd / ss) if ss > 0 else (0.0 if dd == 0 else float("inf"))
+    exact = st.exact[st.order.index(cand)] / n
+    z = corr * math.sqrt(n) if not math.isnan(corr) else float("nan")
+    return Single(cand, _clip(cos), _clip(corr), rel, exact, z)
+
+
+def _clip(x: float) -> float:
+    return x if math.isnan(x) else max(-1.0, min(1.0, x))
+
+
+def choose_base(st: Stats, use: list[str]) -> str:
+    """The medoid of the candidates; on a tie the one farther from the suspect.
+
+    In a family (a base and its fine-tunes) the base is the candidate closest
+    to all the others. With two candidates the medoid is a tie, and the one
+    the suspect is farther from is taken, so the larger delta is fitted.
+    """
+    f = Forms(st)
+
+    def d2(a: str, b: str) -> float:
+        v = f.diff(a, b)
+        return max(f.dot(v, v), 0.0)
+
+    spread = {c: sum(d2(c, o) for o in use if o != c) for c in use}
+    lo = min(spread.values())
+    tied = [c for c in use if spread[c] <= lo * (1 + 1e-9)]
+    return max(tied, key=lambda c: (d2("suspect", c), -use.index(c)))
+
+
+def blend(st: Stats, use: list[str] | None = None, base: str | None = None) -> Blend | None:
+    """Affine fit of the suspect on candidates `use` (default all) around `base`."""
+    use = list(use or st.order)
+    if len(use) < 2 or st.n == 0:
+        return None
+    base = base if base in use else choose_base(st, use)
+    f = Forms(st)
+    others = [c for c in use if c != base]
+    cols = [f.diff(c, base) for c in others]
+    t = f.diff("suspect", base)
+    kept: list[int] = []
+    for i, c in enumerate(cols):
+        if _independent(f, [cols[j] for j in kept], c):
+            kept.append(i)
+    s = f.vec("suspect")
+    ss = f.dot(s, s)
+    tt = max(f.dot(t, t), 0.0)
+    weights: dict[str, float | None] = {c: None for c in others}
+    se: dict[str, float | None] = {c: None for c in others}
+    if not kept:
+        weights[base], se[base] = 1.0, 0.0
+        return Blend(base, weights, se, math.sqrt(tt / ss) if ss > 0 else 0.0, 0.0, 0.0, float("inf"), _raw_cond(f, use))
+    C = torch.stack([cols[i] for i in kept], dim=1)  # m x q
+    A = C.T @ f.g @ C
+    g = C.T @ f.g @ t
+    q = len(kept)
+    aug = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    aug[:q, :q], aug[:q, q], aug[q, :q], aug[q, q] = A, g, g, tt
+    dscale = torch.sqrt(torch.clamp(torch.diagonal(aug), min=1e-300))
+    L, info = torch.linalg.cholesky_ex(aug / torch.outer(dscale, dscale))
+    a = torch.linalg.solve(A, g)
+    if int(info) == 0:
+        rss = float((L[q, q] * dscale[q]) ** 2)
+    else:  # exact fit: the augmented matrix is singular
+        rss = max(tt - float(g @ a), 0.0)
+    dof = max(st.n - q, 1)
+    cov = (rss / dof) * torch.linalg.inv(A)
+    for j, i in enumerate(kept):
+        weights[others[i]] = float(a[j])
+        se[others[i]] = math.sqrt(max(float(cov[j, j]), 0.0))
+    weights[base] = 1.0 - float(a.sum())
+    se[base] = math.sqrt(max(float(cov.sum()), 0.0))
+    r2 = 1.0 - rss / tt if tt > 0 else 0.0
+    return Blend(
+        base=base,
+        weights=weights,
+        se=se,
+        residual_rel=math.sqrt(rss / ss) if ss > 0 else 0.0,
+        r2=r2,
+        cos_fit=math.sqrt(max(r2, 0.0)),
+        cond=_cond(A),
+        raw_cond=_raw_cond(f, use),
+    )
+
+
+def _independent(f: Forms, kept: list[torch.Tensor], c: torch.Tensor) -> bool:
+    cc = f.dot(c, c)
+    if cc <= 0:
+        return False
+    if not kept:
+        return True
+    K = torch.stack(kept, dim=1)
+    A = K.T @ f.g @ K
+    g = K.T @ f.g @ c
+    resid = cc - float(g @ torch.linalg.solve(A, g))
+    return resid > DEPENDENT * cc
+
+
+def _cond(A: torch.Tensor) -> float:
+    d = torch.sqrt(torch.clamp(torch.diagonal(A), min=1e-300))
+    ev = torch.linalg.eigvalsh(A / torch.outer(d, d))
+    return float(ev[-1] / ev[0]) if float(ev[0]) > 0 else float("inf")
+
+
+def _raw_cond(f: Forms, use: list[str]) -> float:
+    """Condition number of the unconstrained fit on raw candidate vectors."""
+    P = torch.stack([f.vec(c) for c in use], dim=1)
+    return _cond(P.T @ f.g @ P)

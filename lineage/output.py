@@ -1,0 +1,143 @@
+"""Parquet and JSON writers that never leave a half file that looks complete.
+
+Rows are buffered per suspect and flushed as numbered part files in a
+hive-partitioned dataset (`tensors/suspect=NAME/part-NNNNNN.parquet`), each
+written to a temporary name in the same folder and renamed into place
+(vLLM's atomic_writer pattern). A killed run leaves whole part files only,
+and every part written before the kill is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lineage.rows import PARTITION, SCHEMA
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def partition_dir(out_dir: Path, suspect: str) -> Path:
+    return Path(out_dir) / "tensors" / f"{PARTITION}={suspect}"
+
+
+class TensorWriter:
+    """Streams rows into the `tensors/` dataset, at most `flush_rows` in memory."""
+
+    def __init__(self, out_dir: Path, flush_rows: int = 2000) -> None:
+        self.out_dir = Path(out_dir)
+        self.flush_rows = flush_rows
+        self._buf: dict[str, list[dict]] = defaultdict(list)
+        self._seq: dict[str, int] = {}
+        self.rows_written = 0
+        self.max_buffered = 0
+
+    def add(self, suspect: str, row: dict) -> None:
+        self._buf[suspect].append(row)
+        self.max_buffered = max(self.max_buffered, sum(len(b) for b in self._buf.values()))
+        if len(self._buf[suspect]) >= self.flush_rows:
+            self.flush(suspect)
+
+    def flush(self, suspect: str | None = None) -> None:
+        for s in [suspect] if suspect is not None else list(self._buf):
+            rows = self._buf.pop(s, [])
+            if not rows:
+                continue
+            folder = partition_dir(self.out_dir, s)
+            seq = self._seq.get(s)
+            if seq is None:
+                seq = len(list(folder.glob("part-*.parquet"))) if folder.exists() else 0
+            atomic_write_table(folder / f"part-{seq:06d}.parquet", pa.Table.from_pylist(rows, schema=SCHEMA))
+            self._seq[s] = seq + 1
+            self.rows_written += len(rows)
+
+    def close(self) -> None:
+        self.flush()
+
+
+def read_rows(out_dir: Path, suspect: str) -> list[dict]:
+    """All rows of one suspect, read back from its partition."""
+    folder = partition_dir(out_dir, suspect)
+    parts = sorted(folder.glob("part-*.parquet"))
+    if not parts:
+        return []
+    return pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts]).to_pylist()
+
+
+VERDICT_SCHEMA = pa.schema(
+    [
+        ("suspect", pa.string()),
+        ("verdict", pa.string()),
+        ("closest", pa.string()),
+        (
+            "parents",
+            pa.list_(
+                pa.struct(
+                    [("name", pa.string()), ("weight", pa.float64()), ("ci95_low", pa.float64()), ("ci95_high", pa.float64())]
+                )
+            ),
+        ),
+        ("tensors", pa.int64()),
+        ("tensors_compared", pa.int64()),
+        ("bytes_compared", pa.int64()),
+        ("explanation", pa.string()),
+        ("json", pa.string()),
+    ]
+)
+
+
+def write_verdicts(out_dir: Path, verdicts: list[dict]) -> None:
+    """`verdicts/SUSPECT.json` for each, then `verdicts.parquet` for all."""
+    out = Path(out_dir)
+    for v in verdicts:
+        atomic_write_bytes(out / "verdicts" / f"{v['suspect']}.json", (json.dumps(v, indent=2) + "\n").encode())
+    rows = [
+        {
+            "suspect": v["suspect"],
+            "verdict": v["verdict"],
+            "closest": v.get("closest"),
+            "parents": [
+                {"name": p["name"], "weight": p["weight"], "ci95_low": p["ci95"][0], "ci95_high": p["ci95"][1]}
+                for p in v["parents"]
+            ],
+            "tensors": v["coverage"]["tensors"],
+            "tensors_compared": v["coverage"]["tensors_compared"],
+            "bytes_compared": v["coverage"]["bytes_compared"],
+            "explanation": v["explanation"],
+            "json": json.dumps(v),
+        }
+        for v in verdicts
+    ]
+    atomic_write_table(out / "verdicts.parquet", pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA))

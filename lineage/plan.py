@@ -1,0 +1,80 @@
+"""Split the audit into byte-balanced units of work.
+
+The cost of a group is the bytes a worker reads for it (suspect plus every
+paired candidate). Groups larger than `max_item_bytes` are cut into row
+ranges, whose statistics add up exactly (`Stats.merge`), so one 8 GiB
+expert tensor can be spread across workers. Items are then packed into
+units by longest-processing-time-first: each goes to the currently lightest
+unit, which keeps units within a few percent of each other when items are
+small against a unit.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+from lineage.align import Group
+
+
+@dataclass(frozen=True)
+class Item:
+    """Rows [row0, row1) of group `gid`, part `part` of `parts`."""
+
+    gid: int
+    group: Group
+    row0: int
+    row1: int
+    part: int
+    parts: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    uid: int
+    items: tuple[Item, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self.items)
+
+
+def items_of(groups: list[Group], max_item_bytes: int) -> list[Item]:
+    """Work items for every comparable group, big ones split by rows."""
+    out = []
+    for gid, g in enumerate(groups):
+        if g.status != "ok" or g.view is None:
+            continue
+        nb, rows = g.nbytes, g.view.rows
+        parts = max(1, min(rows, math.ceil(nb / max_item_bytes)))
+        cuts = [rows * k // parts for k in range(parts + 1)]
+        for k in range(parts):
+            r0, r1 = cuts[k], cuts[k + 1]
+            out.append(Item(gid, g, r0, r1, k, parts, nb * (r1 - r0) // rows))
+    return out
+
+
+def plan_units(groups: list[Group], unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> list[Unit]:
+    """Pack the groups' items into about total/unit_bytes units (at least `min_units`)."""
+    items = items_of(groups, max_item_bytes or unit_bytes)
+    if not items:
+        return []
+    total = sum(i.nbytes for i in items)
+    n = max(min_units, math.ceil(total / max(unit_bytes, 1)))
+    n = min(n, len(items))
+    heap = [(0, u) for u in range(n)]
+    bins: list[list[Item]] = [[] for _ in range(n)]
+    for it in sorted(items, key=lambda i: -i.nbytes):
+        load, u = heapq.heappop(heap)
+        bins[u].append(it)
+        heapq.heappush(heap, (load + it.nbytes, u))
+    return [Unit(u, tuple(sorted(b, key=lambda i: (i.gid, i.part)))) for u, b in enumerate(bins)]
+
+
+def imbalance(units: list[Unit]) -> float:
+    """max/mean - 1 of unit bytes: 0.05 means the heaviest is 5% above the mean."""
+    loads = [u.nbytes for u in units]
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean - 1 if mean else 0.0

@@ -1,0 +1,177 @@
+"""Resolve a model `source` to its tensors, reading headers only.
+
+A source is a local folder (one `.safetensors` file, or shards with a
+`*.safetensors.index.json`), a single local file, or `hf://ORG/NAME[@REV]`.
+The index is parsed and checked before any shard is opened (huggingface_hub's
+rule): shard paths must be relative and stay inside the model folder, every
+shard must exist, and every key must be in the shard the index names. A key
+that a second shard also holds is taken from the shard the index names, with
+a warning, as transformers does.
+
+Pickle-based checkpoints (`.bin`, `.pt`, `.pth`) are refused, never opened:
+unpickling a stranger's file runs their code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lineage.errors import LineageError
+from lineage.header import TensorEntry, read_header
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+HF_SCHEME = "hf://"
+
+
+@dataclass
+class Model:
+    """A resolved model: every tensor name mapped to its bytes on disk."""
+
+    name: str
+    source: str
+    root: str
+    tensors: dict[str, TensorEntry]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def natural_key(s: str) -> list[object]:
+    """Sort `shard-2` before `shard-10` (shard names are not always padded)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def resolve(name: str, source: str) -> Model:
+    """Resolve `source` (see module docstring) into a `Model` named `name`."""
+    if source.startswith(HF_SCHEME):
+        root = Path(download_hf(source))
+    else:
+        root = Path(os.path.expanduser(source))
+    if root.is_file():
+        if not root.name.endswith(".safetensors"):
+            _refuse_or_unknown(root, [root])
+        return _model(name, source, str(root.parent), [str(root)], None)
+    if not root.is_dir():
+        raise LineageError(f"{source}: no such file or folder (model {name})")
+    return _from_folder(name, source, root)
+
+
+def download_hf(source: str) -> str:
+    """Local snapshot folder of `hf://ORG/NAME[@REV]`, cache first.
+
+    The Hugging Face cache is tried before the network so that an audit of
+    a model that is already on disk works offline and never re-checks the
+    hub; only `*.safetensors` and `*.json` are fetched.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    spec = source[len(HF_SCHEME):]
+    repo_id, _, revision = spec.partition("@")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise LineageError(f"{source}: expected hf://ORG/NAME[@REVISION]")
+    kw = dict(repo_id=repo_id, revision=revision or None, allow_patterns=["*.safetensors", "*.json"])
+    try:
+        return snapshot_download(local_files_only=True, **kw)
+    except LocalEntryNotFoundError:
+        pass
+    except (OSError, ValueError) as e:  # a broken cache entry
+        raise LineageError(f"{source}: unreadable Hugging Face cache entry: {e}") from None
+    try:
+        return snapshot_download(**kw)
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LineageError(
+            f"{source}: not in the local Hugging Face cache and not downloadable ({first})"
+        ) from None
+
+
+def _from_folder(name: str, source: str, root: Path) -> Model:
+    indexes = sorted(root.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        preferred = root / "model.safetensors.index.json"
+        if preferred not in indexes:
+            raise LineageError(
+                f"{root}: several index files ({', '.join(p.name for p in indexes)}); point the source at one folder per model"
+            )
+        indexes = [preferred]
+    if indexes:
+        weight_map = read_index(indexes[0], root)
+        shards = sorted(set(weight_map.values()), key=natural_key)
+        return _model(name, source, str(root), [str(root / s) for s in shards], weight_map)
+    files = sorted((p for p in root.iterdir() if p.name.endswith(".safetensors")), key=lambda p: natural_key(p.name))
+    if not files:
+        _refuse_or_unknown(root, list(root.iterdir()))
+    return _model(name, source, str(root), [str(p) for p in files], None)
+
+
+def _refuse_or_unknown(root: Path, files: list[Path]) -> None:
+    pickles = [p.name for p in files if p.name.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise LineageError(
+            f"{root}: only pickle checkpoints ({', '.join(sorted(pickles)[:3])}); lineage never unpickles "
+            "model files (loading them runs arbitrary code). Convert them once, in a sandbox you trust, "
+            "with `safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors')` "
+            "or use the safetensors revision the hub's conversion bot publishes"
+        )
+    raise LineageError(f"{root}: no .safetensors files found")
+
+
+def read_index(index_path: Path, root: Path) -> dict[str, str]:
+    """Parse and check a `model.safetensors.index.json`: name -> shard file name."""
+    try:
+        doc = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LineageError(f"{index_path}: unreadable index ({e})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LineageError(f"{index_path}: no 'weight_map' object")
+    real_root = os.path.realpath(root)
+    checked: dict[str, str] = {}
+    for key, shard in weight_map.items():
+        if shard in checked:
+            continue
+        if not isinstance(shard, str) or not shard:
+            raise LineageError(f"{index_path} [{key}]: shard {shard!r} is not a file name")
+        if os.path.isabs(shard) or ".." in Path(shard).parts:
+            raise LineageError(f"{index_path} [{key}]: shard path {shard!r} leaves the model folder")
+        real = os.path.realpath(os.path.join(real_root, shard))
+        if os.path.commonpath([real, real_root]) != real_root:
+            raise LineageError(f"{index_path} [{key}]: shard {shard!r} links outside the model folder")
+        if not os.path.isfile(real):
+            raise LineageError(f"{index_path} [{key}]: shard {shard!r} is missing")
+        checked[shard] = real
+    return {k: str(v) for k, v in weight_map.items()}
+
+
+def _model(name: str, source: str, root: str, files: list[str], weight_map: dict[str, str] | None) -> Model:
+    tensors: dict[str, TensorEntry] = {}
+    warnings: list[str] = []
+    headers = {f: read_header(f) for f in files}
+    for f, header in headers.items():
+        for key, entry in header.tensors.items():
+            if weight_map is not None:
+                listed = weight_map.get(key)
+                if listed is None:
+                    continue  # not in the index: not part of the model
+                if os.path.join(root, listed) != f:
+                    warnings.append(
+                        f"{f} [{key}]: also stored here; using {listed} as the index says"
+                    )
+                    continue
+            elif key in tensors:
+                raise LineageError(
+                    f"{f} [{key}]: also in {tensors[key].path}; add a model.safetensors.index.json to say which"
+                )
+            tensors[key] = entry
+    if weight_map is not None:
+        for key, shard in weight_map.items():
+            if key not in tensors:
+                raise LineageError(f"{os.path.join(root, shard)} [{key}]: listed in the index but not in the shard")
+    return Model(name, source, root, tensors, warnings)

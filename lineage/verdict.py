@@ -1,0 +1,328 @@
+"""One verdict per suspect from its tensor rows: what the words mean, in code.
+
+- `identical`: every compared tensor is within storage rounding of one
+  candidate (`dtypes.rounding_tolerance`: a small fraction of an ULP for the
+  same dtype, the coarser dtype's roundoff across dtypes), over at least
+  90% of the suspect's float elements.
+- related: a candidate is related when at least half of the suspect's
+  matrices (ndim >= 2) correlate with it at z >= 6, where z is the centered
+  correlation in units of its null spread 1/sqrt(n) for unrelated tensors.
+  1-D tensors (norms, biases) never decide: the norms of unrelated models
+  sit near 1 and correlate by construction.
+- `blend`: at least two related candidates (aliases collapsed) whose affine
+  weights are each >= 0.05 with a 95% interval above 0, consistent across
+  tensors (weighted SD <= 0.15), and the blend's residual is at most 0.7 of
+  the best single parent's (median over matrices). Two fine-tunes of one
+  base have correlated deltas, so their blend fits a little better than
+  either; it does not fit 30% better, and its weights are not consistent.
+- `derived`: otherwise, the closest related candidate (highest median
+  correlation).
+- `unrelated`: no candidate related and no more than 5% of matrices
+  significant for any, with at least half of the suspect compared.
+- `inconclusive`: anything else, with the reason.
+
+Weights are numel-weighted means of per-tensor affine weights; the interval
+combines the spread across tensors with the per-tensor standard errors.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+
+from lineage.dtypes import rounding_tolerance
+from lineage.fit import Forms, blend
+from lineage.rows import stats_of
+
+SCHEMA_VERSION = 1
+Z_SIG = 6.0
+RELATED_FRAC = 0.5
+UNRELATED_FRAC = 0.05
+IDENTICAL_COVERAGE = 0.9
+MIN_COVERAGE = 0.5
+BLEND_GAIN = 0.7
+MIN_WEIGHT = 0.05
+MAX_SPREAD = 0.15
+NULL = "centered correlation of unrelated tensors of n elements: 0 +- 1/sqrt(n); z = corr * sqrt(n)"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    base: bool = False
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.median(xs) if xs else None
+
+
+def _weighted(values: list[tuple[float, float, float]]) -> dict:
+    """(value, se, weight) triples -> mean, sd across tensors, 95% interval."""
+    W = sum(w for _, _, w in values)
+    mean = sum(v * w for v, _, w in values) / W
+    var = sum(w * (v - mean) ** 2 for v, _, w in values) / W
+    t_eff = W * W / sum(w * w for _, _, w in values)
+    se_pooled2 = sum((w * (se or 0.0)) ** 2 for _, se, w in values) / (W * W)
+    half = 1.96 * math.sqrt(var / t_eff + se_pooled2)
+    return {"mean": mean, "sd": math.sqrt(var), "ci95": [mean - half, mean + half], "tensors": len(values)}
+
+
+def _cand_entries(rows: list[dict]) -> dict[str, list[tuple[dict, dict]]]:
+    out: dict[str, list[tuple[dict, dict]]] = defaultdict(list)
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        for c in r["candidates"]:
+            if c["status"] == "ok":
+                out[c["candidate"]].append((r, c))
+    return out
+
+
+def _aliases(rows: list[dict], names: list[str], declared_base: str | None) -> dict[str, str]:
+    """Map each candidate to the representative of its group of identical candidates."""
+    rep = {n: n for n in names}
+
+    def find(x: str) -> str:
+        while rep[x] != x:
+            x = rep[x]
+        return x
+
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = same = 0
+            for r in rows:
+                if r["status"] != "ok" or a not in r["stats_order"] or b not in r["stats_order"]:
+                    continue
+                dt = {c["candidate"]: c["dtype"] for c in r["candidates"]}
+                st = stats_of(r)
+                f = Forms(st)
+                d = f.diff(a, b)
+                pa_ = f.vec(a)
+                rel = math.sqrt(max(f.dot(d, d), 0.0) / max(f.dot(pa_, pa_), 1e-300))
+                tol = rounding_tolerance(dt[a], dt[b]) if "mixed" not in (dt[a], dt[b]) else 0.0
+                shared += 1
+                same += rel <= tol
+            if shared and same == shared:
+                ra, rb = find(a), find(b)
+                keep = min((ra, rb), key=lambda n: (n != declared_base, names.index(n)))
+                rep[ra if keep == rb else rb] = keep
+    return {n: find(n) for n in names}
+
+
+def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatched: dict[str, int] | None = None) -> dict:
+    """The verdict document for one suspect (see module docstring)."""
+    names = [c.name for c in candidates]
+    declared = next((c.name for c in candidates if c.base), None)
+    ok = [r for r in rows if r["status"] == "ok"]
+    float_rows = [r for r in rows if not (r["status"] == "skipped" and r["reason"].endswith("is not a weight"))]
+    float_elems = sum(r["numel"] for r in float_rows) or 1
+    skipped = Counter(f"{r['status']}: {_short(r['reason'])}" for r in rows if r["status"] != "ok")
+    coverage = {
+        "tensors": len(rows),
+        "tensors_compared": len(ok),
+        "bytes_compared": sum(r["bytes_read"] for r in ok),
+        "elements_compared_frac": round(sum(r["numel"] for r in ok) / float_elems, 6),
+        "skipped": dict(skipped),
+        "candidate_tensors_unmatched": dict(unmatched or {}),
+    }
+    entries = _cand_entries(rows)
+    per: dict[str, dict] = {}
+    for n in names:
+        es = entries.get(n, [])
+        mats = [(r, c) for r, c in es if r["ndim"] >= 2]
+        zs = [c["z"] for _, c in mats if c["z"] is not None]
+        within = [c["rel_dist"] is not None and c["rel_dist"] <= c["rounding_tol"] for _, c in es if c["rounding_tol"] is not None]
+        cov = sum(r["numel"] for r, _ in es) / float_elems
+        per[n] = {
+            "tensors": len(es),
+            "matrices": len(mats),
+            "coverage": round(cov, 6),
+            "median_corr": _median([c["corr"] for _, c in mats]),
+            "median_rel_dist": _median([c["rel_dist"] for _, c in es]),
+            "median_z": _median(zs),
+            "frac_significant": (sum(z >= Z_SIG for z in zs) / len(zs)) if zs else 0.0,
+            "stouffer_z": (sum(zs) / math.sqrt(len(zs))) if zs else None,
+            "identical": bool(es) and all(within) and len(within) == len(es) and cov >= IDENTICAL_COVERAGE,
+        }
+    alias_of = _aliases(rows, names, declared)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for n in names:
+        if alias_of[n] != n:
+            groups[alias_of[n]].append(n)
+    reps = [n for n in names if alias_of[n] == n]
+    evidence = {
+        "null": NULL,
+        "z_threshold": Z_SIG,
+        "candidates": {n: {k: v for k, v in per[n].items() if k != "identical"} for n in names},
+    }
+    closest = max(names, key=lambda n: (per[n]["median_corr"] if per[n]["median_corr"] is not None else -2.0))
+
+    def doc(verdict: str, parents: list[dict], explanation: str, **extra) -> dict:
+        d = {
+            "schema_version": SCHEMA_VERSION,
+            "suspect": suspect,
+            "verdict": verdict,
+            "parents": parents,
+            "closest": closest,
+            "coverage": coverage,
+            "components": _components(rows, parents, names, declared if declared in reps else None),
+            "evidence": evidence,
+            "explanation": explanation,
+        }
+        if groups:
+            d["aliases"] = {k: v for k, v in groups.items()}
+        d.update(extra)
+        return d
+
+    def one(name: str) -> list[dict]:
+        p = {"name": name, "weight": 1.0, "ci95": [1.0, 1.0]}
+        if groups.get(name):
+            p["aliases"] = groups[name]
+        return [p]
+
+    if not ok:
+        return doc("inconclusive", [], f"No tensor of {suspect} could be compared with any candidate ({_top(skipped)}).")
+
+    ident = [n for n in reps if per[n]["identical"]]
+    if ident:
+        best = min(ident, key=lambda n: per[n]["median_rel_dist"])
+        p = per[best]
+        return doc(
+            "identical",
+            one(best),
+            f"{suspect} equals {best} up to storage rounding: all {p['tensors']} compared tensors "
+            f"({p['coverage']:.0%} of its elements) lie within the rounding of their dtypes "
+            f"(median relative distance {p['median_rel_dist']:.2e}).",
+        )
+
+    related = [n for n in reps if per[n]["matrices"] and per[n]["frac_significant"] >= RELATED_FRAC]
+    if not related:
+        partial = [n for n in reps if per[n]["frac_significant"] > UNRELATED_FRAC]
+        if partial or coverage["elements_compared_frac"] < MIN_COVERAGE or not any(per[n]["matrices"] for n in reps):
+            why = (
+                f"{', '.join(partial)} correlate significantly on only part of the matrices"
+                if partial
+                else f"only {coverage['elements_compared_frac']:.0%} of its elements could be compared"
+            )
+            return doc("inconclusive", [], f"Neither related nor clearly unrelated: {why}.")
+        zmax = max((abs(per[n]["median_z"] or 0.0) for n in reps), default=0.0)
+        return doc(
+            "unrelated",
+            [],
+            f"{suspect} is unrelated to every candidate: median |z| at most {zmax:.1f} against the null of "
+            f"unrelated tensors (threshold {Z_SIG:g}), over {coverage['tensors_compared']} compared tensors.",
+        )
+
+    if len(related) >= 2:
+        fit = _blend_fit(rows, related, declared if declared in related else None)
+        evidence["blend"] = fit["evidence"]
+        if fit["is_blend"]:
+            parents = []
+            for n in sorted(fit["material"], key=lambda n: -fit["weights"][n]["mean"]):
+                w = fit["weights"][n]
+                p = {"name": n, "weight": round(w["mean"], 6), "ci95": [round(x, 6) for x in w["ci95"]], "sd_across_tensors": round(w["sd"], 6), "tensors": w["tensors"]}
+                if groups.get(n):
+                    p["aliases"] = groups[n]
+                parents.append(p)
+            desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
+            ev = fit["evidence"]
+            return doc(
+                "blend",
+                parents,
+                f"{suspect} is a linear blend: {desc} (95% intervals "
+                + ", ".join(f"{p['name']} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]" for p in parents)
+                + f"). Fitted relative to a common base over {ev['matrices']} matrices, the blend leaves "
+                f"{ev['median_gain']:.0%} of the best single parent's residual (median cos_fit "
+                f"{ev['median_cos_fit']:.3f}), and the weights agree across tensors.",
+                method="linear",
+                base=fit["base"],
+            )
+
+    best = max(related, key=lambda n: (per[n]["median_corr"], -(per[n]["median_rel_dist"] or 0)))
+    p = per[best]
+    also = [n for n in related if n != best]
+    return doc(
+        "derived",
+        one(best),
+        f"{suspect} derives from {best} but is not a copy: median correlation {p['median_corr']:.4f} "
+        f"(z {p['median_z']:.0f} against the null of unrelated tensors, {p['frac_significant']:.0%} of "
+        f"matrices significant), median relative distance {p['median_rel_dist']:.3g}, beyond storage rounding."
+        + (f" {', '.join(also)} also correlate{'s' if len(also) == 1 else ''} (related to {best}), but a blend explains no more." if also else ""),
+    )
+
+
+def _short(reason: str) -> str:
+    return reason.split(":")[0][:80] if ":" in reason else reason[:80]
+
+
+def _top(c: Counter) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in c.most_common(3))
+
+
+def _blend_fit(rows: list[dict], use: list[str], base: str | None) -> dict:
+    """Refit the affine blend over `use` on every matrix; aggregate weights and gain."""
+    per_w: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    gains, cosf = [], []
+    bases: Counter = Counter()
+    for r in rows:
+        if r["status"] != "ok" or r["ndim"] < 2 or not set(use) <= set(r["stats_order"]):
+            continue
+        b = blend(stats_of(r), use=use, base=base)
+        if b is None or any(b.weights[n] is None for n in use):
+            continue
+        bases[b.base] += 1
+        singles = {c["candidate"]: c["rel_dist"] for c in r["candidates"] if c["status"] == "ok"}
+        best_single = min(singles[n] for n in use)
+        if best_single > 0:
+            gains.append(b.residual_rel / best_single)
+        cosf.append(b.cos_fit)
+        for n in use:
+            per_w[n].append((b.weights[n], b.se[n], float(r["numel"])))
+    weights = {n: _weighted(v) for n, v in per_w.items() if v}
+    gain = _median(gains)
+    material = [n for n, w in weights.items() if w["mean"] >= MIN_WEIGHT and w["ci95"][0] > 0]
+    consistent = all(weights[n]["sd"] <= MAX_SPREAD for n in material)
+    is_blend = len(material) >= 2 and gain is not None and gain <= BLEND_GAIN and consistent
+    ev = {
+        "candidates": use,
+        "matrices": len(cosf),
+        "median_gain": gain,
+        "median_cos_fit": _median(cosf),
+        "weights": weights,
+        "criteria": {"gain_max": BLEND_GAIN, "min_weight": MIN_WEIGHT, "max_sd_across_tensors": MAX_SPREAD},
+    }
+    return {"is_blend": is_blend, "weights": weights, "material": material, "evidence": ev, "base": base or (bases.most_common(1)[0][0] if bases else None)}
+
+
+def _components(rows: list[dict], parents: list[dict], names: list[str], base: str | None) -> dict:
+    """Per component: tensor counts, median correlation per candidate, blend weights."""
+    by: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[r["component"]].append(r)
+    use = [p["name"] for p in parents]
+    out = {}
+    for comp, rs in sorted(by.items()):
+        ok = [r for r in rs if r["status"] == "ok"]
+        d: dict = {"tensors": len(rs), "tensors_compared": len(ok)}
+        corr = {}
+        for n in names:
+            cs = [c["corr"] for r in ok for c in r["candidates"] if c["candidate"] == n and c["status"] == "ok"]
+            if cs:
+                corr[n] = _median(cs)
+        d["median_corr"] = corr
+        if len(use) >= 2:
+            per_w: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+            for r in ok:
+                if not set(use) <= set(r["stats_order"]):
+                    continue
+                b = blend(stats_of(r), use=use, base=base)
+                if b is None or any(b.weights[n] is None for n in use):
+                    continue
+                for n in use:
+                    per_w[n].append((b.weights[n], b.se[n], float(r["numel"])))
+            d["weights"] = {n: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in _weighted(v).items() if k != "ci95"} for n, v in per_w.items() if v}
+        out[comp] = d
+    return out

@@ -1,0 +1,217 @@
+"""Row views over tensors on disk, and the byte-range reader behind them.
+
+Every comparison in lineage is between two *views* with the same number of
+rows and columns. A view is a list of row ranges of real tensors, each seen
+as a 2-D matrix (`[..., rows, cols]` flattened to `[prod(...)*rows, cols]`;
+1-D as `[n, 1]`). That one shape covers renamed copies (one whole tensor),
+fused versus per-expert experts (2E per-expert matrices against the rows of
+one fused tensor), and vocabularies of different sizes (the common rows).
+
+Reading rows `[a, b)` of a view costs one `pread` per segment it crosses; a
+worker's memory is the rows it asked for, never the tensor or the file. FP8
+segments carry their block-scale tensor and are dequantized per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lineage.dtypes import DTYPES, FP8
+from lineage.errors import LineageError
+from lineage.header import TensorEntry
+from lineage.layout import FP8_BLOCK
+
+
+def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, cols) of a tensor seen as a matrix."""
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return shape[0], 1
+    return math.prod(shape[:-1]), shape[-1]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """An FP8 block-scale tensor: one F32/BF16 factor per 128x128 block."""
+
+    path: str
+    name: str
+    dtype: str
+    start: int
+    rows: int  # rows of the scale seen as a matrix
+    cols: int
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows [row0, row1) of one tensor on disk, seen as a matrix."""
+
+    path: str
+    name: str
+    dtype: str
+    start: int  # byte offset of the tensor's first element
+    cols: int
+    row0: int
+    row1: int
+    inner_rows: int  # rows of one 2-D slice (shape[-2]); FP8 blocks restart per slice
+    scale: Scale | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.row1 - self.row0
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.cols * DTYPES[self.dtype].itemsize
+
+
+@dataclass(frozen=True)
+class View:
+    """Rows of one or more segments stacked: what one side of a comparison reads."""
+
+    segments: tuple[Segment, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.segments)
+
+    @property
+    def cols(self) -> int:
+        return self.segments[0].cols
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the view; 'mixed' if its segments differ."""
+        kinds = {s.dtype for s in self.segments}
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    @property
+    def label(self) -> str:
+        """A name for messages: the tensor, or the first and the count."""
+        names = list(dict.fromkeys(s.name for s in self.segments))
+        return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)"
+
+
+def segment(entry: TensorEntry, scale: TensorEntry | None = None, rows: tuple[int, int] | None = None) -> Segment:
+    """A segment over `entry` (all rows unless `rows` is given)."""
+    r, c = matrix_shape(entry.shape)
+    inner = entry.shape[-2] if len(entry.shape) >= 2 else r
+    sc = None
+    if scale is not None:
+        sr, scc = matrix_shape(scale.shape)
+        sc = Scale(scale.path, scale.name, scale.dtype, scale.start, sr, scc)
+    r0, r1 = rows if rows is not None else (0, r)
+    return Segment(entry.path, entry.name, entry.dtype, entry.start, c, r0, r1, inner, sc)
+
+
+def check_scale(entry: TensorEntry, scale: TensorEntry) -> None:
+    """The scale must have one entry per 128x128 block of every 2-D slice."""
+    r, c = matrix_shape(entry.shape)
+    inner = entry.shape[-2] if len(entry.shape) >= 2 else r
+    lead = r // inner if inner else 0
+    want_r, want_c = lead * math.ceil(inner / FP8_BLOCK), math.ceil(c / FP8_BLOCK)
+    got = matrix_shape(scale.shape)
+    if got != (want_r, want_c) or scale.dtype not in ("F32", "BF16", "F16"):
+        raise LineageError(
+            f"{scale.path} [{scale.name}]: block scale {scale.dtype} {list(scale.shape)} does not fit "
+            f"{entry.name} {list(entry.shape)} (expected float [{want_r}, {want_c}] for 128x128 blocks)"
+        )
+
+
+class Reader:
+    """Byte-range reads with a small set of open files; use as a context manager."""
+
+    def __init__(self, max_open: int = 64) -> None:
+        self._fds: dict[str, int] = {}
+        self._max_open = max_open
+        self.bytes_read = 0
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= self._max_open:
+                self.close()
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise LineageError(f"{path}: cannot open: {e.strerror}") from None
+            self._fds[path] = fd
+        return fd
+
+    def pread(self, path: str, name: str, offset: int, nbytes: int) -> bytearray:
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        fd = self._fd(path)
+        got = 0
+        while got < nbytes:
+            try:
+                n = os.preadv(fd, [view[got:]], offset + got)
+            except OSError as e:
+                raise LineageError(f"{path} [{name}]: read failed: {e.strerror}") from None
+            if n == 0:
+                raise LineageError(
+                    f"{path} [{name}]: file ends before byte {offset + nbytes}; truncated?"
+                )
+            got += n
+        self.bytes_read += nbytes
+        return buf
+
+    def read(self, view: View, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) of `view` as a float32 (float64 for F64) [b - a, cols] tensor."""
+        parts = []
+        base = 0
+        for seg in view.segments:
+            lo, hi = max(a, base), min(b, base + seg.rows)
+            if lo < hi:
+                parts.append(self.read_segment(seg, seg.row0 + lo - base, seg.row0 + hi - base))
+            base += seg.rows
+            if base >= b:
+                break
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def read_segment(self, seg: Segment, r0: int, r1: int) -> torch.Tensor:
+        """Absolute rows [r0, r1) of the tensor behind `seg`, decoded."""
+        dt = DTYPES[seg.dtype]
+        if dt.torch_dtype is None or not dt.is_float:
+            raise LineageError(f"{seg.path} [{seg.name}]: {seg.dtype} is not a float dtype")
+        row_bytes = seg.cols * dt.itemsize
+        raw = self.pread(seg.path, seg.name, seg.start + r0 * row_bytes, (r1 - r0) * row_bytes)
+        x = torch.frombuffer(raw, dtype=dt.torch_dtype).reshape(r1 - r0, seg.cols)
+        x = x.to(torch.float64 if seg.dtype == "F64" else torch.float32)
+        if seg.dtype in FP8 and seg.scale is not None:
+            x = x * self._scales(seg, r0, r1)
+        return x
+
+    def _scales(self, seg: Segment, r0: int, r1: int) -> torch.Tensor:
+        """Per-element scale factors for rows [r0, r1): blocks expanded and cropped."""
+        sc = seg.scale
+        assert sc is not None
+        rows = torch.arange(r0, r1)
+        blocks_per_slice = math.ceil(seg.inner_rows / FP8_BLOCK)
+        block_row = (rows // seg.inner_rows) * blocks_per_slice + (rows % seg.inner_rows) // FP8_BLOCK
+        b0, b1 = int(block_row[0]), int(block_row[-1]) + 1
+        sdt = DTYPES[sc.dtype]
+        raw = self.pread(sc.path, sc.name, sc.start + b0 * sc.cols * sdt.itemsize, (b1 - b0) * sc.cols * sdt.itemsize)
+        s = torch.frombuffer(raw, dtype=sdt.torch_dtype).reshape(b1 - b0, sc.cols).to(torch.float32)
+        s = s[block_row - b0]  # one scale row per data row
+        return s.repeat_interleave(FP8_BLOCK, dim=1)[:, : seg.cols]
