@@ -63,6 +63,24 @@ def ensure(cache: Path | None = None) -> Path:
     return root
 
 
+SCHEME = "demo://"
+
+
+def materialize(model_set: dict, cache: Path | None = None) -> dict:
+    """The model set with every `demo://NAME` source replaced by its built folder."""
+    members = [m for role in ("suspects", "candidates") for m in model_set.get(role) or [] if isinstance(m, dict)]
+    if not any(str(m.get("source", "")).startswith(SCHEME) for m in members):
+        return model_set
+    root = ensure(cache)
+    out = dict(model_set)
+    for role in ("suspects", "candidates"):
+        out[role] = [
+            {**m, "source": str(root / m["source"][len(SCHEME):])} if isinstance(m, dict) and str(m.get("source", "")).startswith(SCHEME) else m
+            for m in model_set.get(role) or []
+        ]
+    return out
+
+
 def qwen_weights(gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Canonical float32 weights (fused experts), trained-looking norms near 1."""
 

@@ -1,0 +1,1 @@
+"""Ray entry points (Hydra mains). The work itself lives in `lineage`."""

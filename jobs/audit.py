@@ -1,0 +1,129 @@
+"""`python -m jobs.audit [model_set=NAME] [output_dir=DIR] [...]`: run one audit on Ray.
+
+The driver reads headers, plans byte-balanced units, and keeps a bounded
+number of them in flight (`ray.wait`); workers read their own tensor bytes
+and return small statistics; the reducer writes each tensor's row as soon
+as it is complete and decides the verdicts at the end. Only names, offsets
+and statistics travel through Ray.
+
+It starts an embedded Ray unless it finds one to attach to (`RAY_ADDRESS`,
+set by `ray job submit`, or `compute.address`), and shuts down only what it
+started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import ray
+from omegaconf import DictConfig
+
+from jobs.settings import Settings
+from lineage.audit import AuditPlan, Reducer, plan_audit
+from lineage.errors import LineageError
+from lineage.plan import imbalance
+from lineage.report import table
+from lineage.work import run_unit
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def say(msg: str) -> None:
+    """Plain progress lines; Ray prefixes worker output, so the driver prints its own."""
+    print(f"[lineage] {msg}", flush=True)
+
+
+def fit_unit(unit, chunk_bytes: int, base: str | None, want_gpu: bool):
+    """The Ray task body: one unit, on the GPU Ray gave us if any."""
+    import torch
+
+    device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return run_unit(unit, chunk_bytes, base, device)
+
+
+def connect(s: Settings) -> bool:
+    """Initialise Ray; True when this process started it (and must stop it)."""
+    if ray.is_initialized():
+        return False
+    address = s.compute.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    ray.init(
+        num_cpus=s.compute.num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    return True
+
+
+def execute(plan: AuditPlan, s: Settings) -> list[dict]:
+    """Run the plan's units on Ray and reduce them into the output directory."""
+    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(s.compute.cpus_per_task, 1e-9)))
+    if s.compute.gpus_per_task:
+        slots = max(1, int(ray.cluster_resources().get("GPU", 0) // s.compute.gpus_per_task))
+    max_in_flight = s.compute.max_in_flight or 2 * slots
+    task = ray.remote(fit_unit).options(num_cpus=s.compute.cpus_per_task, num_gpus=s.compute.gpus_per_task, max_retries=3)
+    reducer = Reducer(plan, s.output_dir, s.flush_rows)
+    pending = list(plan.units)
+    in_flight: dict = {}
+    done_bytes, t0, last = 0, time.perf_counter(), 0.0
+    want_gpu = s.compute.gpus_per_task > 0
+    while pending or in_flight:
+        while pending and len(in_flight) < max_in_flight:
+            u = pending.pop(0)
+            in_flight[task.remote(u, s.chunk_bytes, plan.model_set.base, want_gpu)] = u
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            u = in_flight.pop(ref)
+            reducer.add(ray.get(ref), u.uid)
+            done_bytes += u.nbytes
+        now = time.perf_counter()
+        if now - last > 5 or not (pending or in_flight):
+            last = now
+            done = len(plan.units) - len(pending) - len(in_flight)
+            say(f"units {done}/{len(plan.units)}  {done_bytes / 1e9:.2f}/{plan.nbytes / 1e9:.2f} GB  {done_bytes / 1e6 / max(now - t0, 1e-9):.0f} MB/s")
+    return reducer.finish()
+
+
+def run(s: Settings) -> list[dict]:
+    s.output_dir.mkdir(parents=True, exist_ok=True)
+    say(f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}")
+    started = connect(s)
+    try:
+        min_units = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+        plan = plan_audit(s.model_set, s.unit_bytes, min_units, s.max_item_bytes)
+        for m in plan.suspects + plan.candidates:
+            for w in m.warnings:
+                say(f"warning: {w}")
+        say(
+            f"plan: {len(plan.groups)} suspect tensors, {len(plan.units)} units, {plan.nbytes / 1e9:.2f} GB to read, "
+            f"imbalance {imbalance(plan.units):.1%}, planned in {plan.seconds:.2f}s"
+        )
+        verdicts = execute(plan, s)
+    finally:
+        if started:
+            ray.shutdown()
+    print(table(verdicts), flush=True)
+    say(f"wrote {s.output_dir}/tensors, verdicts.parquet, verdicts/*.json")
+    return verdicts
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        run(Settings.from_cfg(cfg))
+    except LineageError as e:
+        print(f"lineage: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(LineageError.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The Hydra config, validated into one typed object at the entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from lineage.demo import materialize
+from lineage.errors import LineageError
+from lineage.modelset import ModelSet
+
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Compute:
+    address: str | None  # None: attach if RAY_ADDRESS says so, else start an embedded Ray
+    num_cpus: int | None  # embedded Ray only
+    cpus_per_task: float
+    gpus_per_task: float
+    max_in_flight: int  # 0: twice the cluster's task slots
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_set: ModelSet
+    output_dir: Path
+    chunk_bytes: int
+    unit_bytes: int
+    max_item_bytes: int
+    flush_rows: int
+    compute: Compute
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> Settings:
+        d = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(d, dict)
+        cache = d.get("demo_cache")
+        ms = ModelSet.from_dict(materialize(d["model_set"], Path(cache).expanduser() if cache else None))
+        fit, plan, write, comp = d["fit"], d["plan"], d["write"], d["compute"]
+        for key, val in (("fit.chunk_mb", fit["chunk_mb"]), ("plan.unit_mb", plan["unit_mb"]), ("plan.max_item_mb", plan["max_item_mb"])):
+            if not isinstance(val, (int, float)) or val <= 0:
+                raise LineageError(f"config: {key} must be a positive number, got {val!r}")
+        return cls(
+            model_set=ms,
+            output_dir=Path(d["output_dir"]).expanduser().absolute(),
+            chunk_bytes=int(fit["chunk_mb"] * MB),
+            unit_bytes=int(plan["unit_mb"] * MB),
+            max_item_bytes=int(plan["max_item_mb"] * MB),
+            flush_rows=int(write["flush_rows"]),
+            compute=Compute(
+                address=comp.get("address"),
+                num_cpus=comp.get("num_cpus"),
+                cpus_per_task=float(comp["cpus_per_task"]),
+                gpus_per_task=float(comp["gpus_per_task"]),
+                max_in_flight=int(comp["max_in_flight"]),
+            ),
+        )
