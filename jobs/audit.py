@@ -89,13 +89,17 @@ def execute(plan: AuditPlan, s: Settings) -> list[dict]:
         if now - last > 5 or not (pending or in_flight):
             last = now
             done = len(plan.units) - len(pending) - len(in_flight)
-            say(f"units {done}/{len(plan.units)}  {done_bytes / 1e9:.2f}/{plan.nbytes / 1e9:.2f} GB  {done_bytes / 1e6 / max(now - t0, 1e-9):.0f} MB/s")
+            say(
+                f"units {done}/{len(plan.units)}  {done_bytes / 1e9:.2f}/{plan.nbytes / 1e9:.2f} GB  {done_bytes / 1e6 / max(now - t0, 1e-9):.0f} MB/s"
+            )
     return reducer.finish()
 
 
 def run(s: Settings) -> list[dict]:
     s.output_dir.mkdir(parents=True, exist_ok=True)
-    say(f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}")
+    say(
+        f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}"
+    )
     started = connect(s)
     try:
         min_units = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))

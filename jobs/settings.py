@@ -40,7 +40,11 @@ class Settings:
         cache = d.get("demo_cache")
         ms = ModelSet.from_dict(materialize(d["model_set"], Path(cache).expanduser() if cache else None))
         fit, plan, write, comp = d["fit"], d["plan"], d["write"], d["compute"]
-        for key, val in (("fit.chunk_mb", fit["chunk_mb"]), ("plan.unit_mb", plan["unit_mb"]), ("plan.max_item_mb", plan["max_item_mb"])):
+        for key, val in (
+            ("fit.chunk_mb", fit["chunk_mb"]),
+            ("plan.unit_mb", plan["unit_mb"]),
+            ("plan.max_item_mb", plan["max_item_mb"]),
+        ):
             if not isinstance(val, (int, float)) or val <= 0:
                 raise LineageError(f"config: {key} must be a positive number, got {val!r}")
         return cls(

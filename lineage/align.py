@@ -119,8 +119,7 @@ def align(suspect: Model, candidates: list[Model]) -> tuple[list[Group], dict[st
         e = suspect.tensors[name]
         groups.append(_group(s_ix, e, c_ixs, used))
     unmatched = {
-        ix.model.name: sorted(n for n in ix.model.tensors if not is_scale(n) and n not in used[ix.model.name])
-        for ix in c_ixs
+        ix.model.name: sorted(n for n in ix.model.tensors if not is_scale(n) and n not in used[ix.model.name]) for ix in c_ixs
     }
     return groups, unmatched
 

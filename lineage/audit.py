@@ -99,8 +99,7 @@ class Reducer:
             raise RuntimeError(f"incomplete tensors after all units: {missing[:5]}")
         cands = [Candidate(c.name, c.base) for c in self.plan.model_set.candidates]
         verdicts = [
-            decide(s.name, read_rows(self.out_dir, s.name), cands, self.plan.unmatched.get(s.name))
-            for s in self.plan.suspects
+            decide(s.name, read_rows(self.out_dir, s.name), cands, self.plan.unmatched.get(s.name)) for s in self.plan.suspects
         ]
         write_verdicts(self.out_dir, verdicts)
         return verdicts

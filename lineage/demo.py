@@ -75,7 +75,9 @@ def materialize(model_set: dict, cache: Path | None = None) -> dict:
     out = dict(model_set)
     for role in ("suspects", "candidates"):
         out[role] = [
-            {**m, "source": str(root / m["source"][len(SCHEME):])} if isinstance(m, dict) and str(m.get("source", "")).startswith(SCHEME) else m
+            {**m, "source": str(root / m["source"][len(SCHEME) :])}
+            if isinstance(m, dict) and str(m.get("source", "")).startswith(SCHEME)
+            else m
             for m in model_set.get(role) or []
         ]
     return out

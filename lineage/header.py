@@ -66,13 +66,9 @@ def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTE
                 raise LineageError(f"{p}: truncated file ({size} bytes), no safetensors header")
             (n,) = struct.unpack("<Q", head)
             if n > max_header_bytes:
-                raise LineageError(
-                    f"{p}: header length {n} exceeds the cap of {max_header_bytes} bytes"
-                )
+                raise LineageError(f"{p}: header length {n} exceeds the cap of {max_header_bytes} bytes")
             if 8 + n > size:
-                raise LineageError(
-                    f"{p}: header length {n} runs past the end of the file ({size} bytes); truncated?"
-                )
+                raise LineageError(f"{p}: header length {n} runs past the end of the file ({size} bytes); truncated?")
             raw = f.read(n)
     except OSError as e:
         raise LineageError(f"{p}: cannot read: {e.strerror or e}") from None
@@ -117,25 +113,17 @@ def _entry(path: str, name: str, spec: object, data_start: int, data_size: int) 
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise bad(f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
     shape = spec.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise bad(f"shape {shape!r} is not a list of non-negative integers")
     offs = spec.get("data_offsets")
-    if (
-        not isinstance(offs, list)
-        or len(offs) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-    ):
+    if not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs):
         raise bad(f"data_offsets {offs!r} is not a pair of integers")
     begin, end = offs
     if not 0 <= begin <= end <= data_size:
         raise bad(f"data_offsets [{begin}, {end}] out of bounds of the {data_size}-byte data section")
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != expected:
-        raise bad(
-            f"data_offsets span {end - begin} bytes but {dtype} x {shape} needs {expected}"
-        )
+        raise bad(f"data_offsets span {end - begin} bytes but {dtype} x {shape} needs {expected}")
     return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 

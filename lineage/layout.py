@@ -55,7 +55,7 @@ def canonical(name: str) -> str:
     """Name with the first known container prefix removed."""
     for p in PREFIXES:
         if name.startswith(p):
-            return name[len(p):]
+            return name[len(p) :]
     return name
 
 

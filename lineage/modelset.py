@@ -32,7 +32,9 @@ class ModelSet:
             raise LineageError(f"model set: expected a mapping, got {type(d).__name__}")
         unknown = set(d) - {"name", "suspects", "candidates", "description"}
         if unknown:
-            raise LineageError(f"model set {d.get('name')}: unknown keys {sorted(unknown)} (known: name, suspects, candidates, description)")
+            raise LineageError(
+                f"model set {d.get('name')}: unknown keys {sorted(unknown)} (known: name, suspects, candidates, description)"
+            )
         name = str(d.get("name") or "")
         sus = tuple(_member(name, "suspects", m) for m in (d.get("suspects") or []))
         cand = tuple(_member(name, "candidates", m) for m in (d.get("candidates") or []))
@@ -71,7 +73,9 @@ def _member(set_name: str, role: str, m: object) -> Member:
         raise LineageError(f"model set {set_name}: each of {role} must be a mapping with name and source, got {m!r}")
     unknown = set(m) - {"name", "source", "base"}
     if unknown:
-        raise LineageError(f"model set {set_name}: {role} entry {m.get('name')!r} has unknown keys {sorted(unknown)} (known: name, source, base)")
+        raise LineageError(
+            f"model set {set_name}: {role} entry {m.get('name')!r} has unknown keys {sorted(unknown)} (known: name, source, base)"
+        )
     name, source = m.get("name"), m.get("source")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise LineageError(f"model set {set_name}: {role} name {name!r} must be letters, digits, '.', '_' or '-'")

@@ -135,7 +135,9 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
                 "candidate": name,
                 "tensor": side.view.label if side.view is not None else None,
                 "dtype": cdtype,
-                "status": "ok" if sg is not None else ("error" if row["status"] == "error" and side.view is not None else "unpaired"),
+                "status": "ok"
+                if sg is not None
+                else ("error" if row["status"] == "error" and side.view is not None else "unpaired"),
                 "reason": side.reason or (row["reason"] if sg is None and side.view is not None else ""),
                 "cosine": _finite(sg.cosine) if sg else None,
                 "corr": _finite(sg.corr) if sg else None,

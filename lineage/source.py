@@ -72,7 +72,7 @@ def download_hf(source: str) -> str:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    spec = source[len(HF_SCHEME):]
+    spec = source[len(HF_SCHEME) :]
     repo_id, _, revision = spec.partition("@")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise LineageError(f"{source}: expected hf://ORG/NAME[@REVISION]")
@@ -87,9 +87,7 @@ def download_hf(source: str) -> str:
         return snapshot_download(**kw)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LineageError(
-            f"{source}: not in the local Hugging Face cache and not downloadable ({first})"
-        ) from None
+        raise LineageError(f"{source}: not in the local Hugging Face cache and not downloadable ({first})") from None
 
 
 def _from_folder(name: str, source: str, root: Path) -> Model:
@@ -161,14 +159,10 @@ def _model(name: str, source: str, root: str, files: list[str], weight_map: dict
                 if listed is None:
                     continue  # not in the index: not part of the model
                 if os.path.join(root, listed) != f:
-                    warnings.append(
-                        f"{f} [{key}]: also stored here; using {listed} as the index says"
-                    )
+                    warnings.append(f"{f} [{key}]: also stored here; using {listed} as the index says")
                     continue
             elif key in tensors:
-                raise LineageError(
-                    f"{f} [{key}]: also in {tensors[key].path}; add a model.safetensors.index.json to say which"
-                )
+                raise LineageError(f"{f} [{key}]: also in {tensors[key].path}; add a model.safetensors.index.json to say which")
             tensors[key] = entry
     if weight_map is not None:
         for key, shard in weight_map.items():

@@ -91,7 +91,7 @@ def _aliases(rows: list[dict], names: list[str], declared_base: str | None) -> d
         return x
 
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             shared = same = 0
             for r in rows:
                 if r["status"] != "ok" or a not in r["stats_order"] or b not in r["stats_order"]:
@@ -134,7 +134,9 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
         es = entries.get(n, [])
         mats = [(r, c) for r, c in es if r["ndim"] >= 2]
         zs = [c["z"] for _, c in mats if c["z"] is not None]
-        within = [c["rel_dist"] is not None and c["rel_dist"] <= c["rounding_tol"] for _, c in es if c["rounding_tol"] is not None]
+        within = [
+            c["rel_dist"] is not None and c["rel_dist"] <= c["rounding_tol"] for _, c in es if c["rounding_tol"] is not None
+        ]
         cov = sum(r["numel"] for r, _ in es) / float_elems
         per[n] = {
             "tensors": len(es),
@@ -158,7 +160,7 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
         "z_threshold": Z_SIG,
         "candidates": {n: {k: v for k, v in per[n].items() if k != "identical"} for n in names},
     }
-    closest = max(names, key=lambda n: (per[n]["median_corr"] if per[n]["median_corr"] is not None else -2.0))
+    closest = max(names, key=lambda n: per[n]["median_corr"] if per[n]["median_corr"] is not None else -2.0)
 
     def doc(verdict: str, parents: list[dict], explanation: str, **extra) -> dict:
         d = {
@@ -223,7 +225,13 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
             parents = []
             for n in sorted(fit["material"], key=lambda n: -fit["weights"][n]["mean"]):
                 w = fit["weights"][n]
-                p = {"name": n, "weight": round(w["mean"], 6), "ci95": [round(x, 6) for x in w["ci95"]], "sd_across_tensors": round(w["sd"], 6), "tensors": w["tensors"]}
+                p = {
+                    "name": n,
+                    "weight": round(w["mean"], 6),
+                    "ci95": [round(x, 6) for x in w["ci95"]],
+                    "sd_across_tensors": round(w["sd"], 6),
+                    "tensors": w["tensors"],
+                }
                 if groups.get(n):
                     p["aliases"] = groups[n]
                 parents.append(p)
@@ -250,7 +258,11 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
         f"{suspect} derives from {best} but is not a copy: median correlation {p['median_corr']:.4f} "
         f"(z {p['median_z']:.0f} against the null of unrelated tensors, {p['frac_significant']:.0%} of "
         f"matrices significant), median relative distance {p['median_rel_dist']:.3g}, beyond storage rounding."
-        + (f" {', '.join(also)} also correlate{'s' if len(also) == 1 else ''} (related to {best}), but a blend explains no more." if also else ""),
+        + (
+            f" {', '.join(also)} also correlate{'s' if len(also) == 1 else ''} (related to {best}), but a blend explains no more."
+            if also
+            else ""
+        ),
     )
 
 
@@ -294,7 +306,13 @@ def _blend_fit(rows: list[dict], use: list[str], base: str | None) -> dict:
         "weights": weights,
         "criteria": {"gain_max": BLEND_GAIN, "min_weight": MIN_WEIGHT, "max_sd_across_tensors": MAX_SPREAD},
     }
-    return {"is_blend": is_blend, "weights": weights, "material": material, "evidence": ev, "base": base or (bases.most_common(1)[0][0] if bases else None)}
+    return {
+        "is_blend": is_blend,
+        "weights": weights,
+        "material": material,
+        "evidence": ev,
+        "base": base or (bases.most_common(1)[0][0] if bases else None),
+    }
 
 
 def _components(rows: list[dict], parents: list[dict], names: list[str], base: str | None) -> dict:
@@ -323,6 +341,10 @@ def _components(rows: list[dict], parents: list[dict], names: list[str], base: s
                     continue
                 for n in use:
                     per_w[n].append((b.weights[n], b.se[n], float(r["numel"])))
-            d["weights"] = {n: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in _weighted(v).items() if k != "ci95"} for n, v in per_w.items() if v}
+            d["weights"] = {
+                n: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in _weighted(v).items() if k != "ci95"}
+                for n, v in per_w.items()
+                if v
+            }
         out[comp] = d
     return out

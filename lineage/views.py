@@ -169,9 +169,7 @@ class Reader:
             except OSError as e:
                 raise LineageError(f"{path} [{name}]: read failed: {e.strerror}") from None
             if n == 0:
-                raise LineageError(
-                    f"{path} [{name}]: file ends before byte {offset + nbytes}; truncated?"
-                )
+                raise LineageError(f"{path} [{name}]: file ends before byte {offset + nbytes}; truncated?")
             got += n
         self.bytes_read += nbytes
         return buf
