@@ -70,7 +70,7 @@ class Reducer:
     def __post_init__(self) -> None:
         self.writer = TensorWriter(self.out_dir, self.flush_rows)
         base = self.plan.model_set.base
-        for gid, g in enumerate(self.plan.groups):
+        for g in self.plan.groups:
             if g.status != "ok":
                 self.writer.add(g.suspect, tensor_row(g, None, base=base))
 
