@@ -100,9 +100,12 @@ def _from_folder(name: str, source: str, root: Path) -> Model:
             )
         indexes = [preferred]
     if indexes:
-        weight_map = read_index(indexes[0], root)
+        warnings: list[str] = []
+        weight_map = read_index(indexes[0], root, warnings)
         shards = sorted(set(weight_map.values()), key=natural_key)
-        return _model(name, source, str(root), [str(root / s) for s in shards], weight_map)
+        model = _model(name, source, str(root), [str(root / s) for s in shards], weight_map)
+        model.warnings[:0] = warnings
+        return model
     files = sorted((p for p in root.iterdir() if p.name.endswith(".safetensors")), key=lambda p: natural_key(p.name))
     if not files:
         _refuse_or_unknown(root, list(root.iterdir()))
@@ -121,11 +124,24 @@ def _refuse_or_unknown(root: Path, files: list[Path]) -> None:
     raise LineageError(f"{root}: no .safetensors files found")
 
 
-def read_index(index_path: Path, root: Path) -> dict[str, str]:
-    """Parse and check a `model.safetensors.index.json`: name -> shard file name."""
+def read_index(index_path: Path, root: Path, warnings: list[str] | None = None) -> dict[str, str]:
+    """Parse and check a `model.safetensors.index.json`: name -> shard file name.
+
+    A key the index lists twice keeps its last shard (as `json` would), with
+    a warning appended to `warnings`.
+    """
+
+    def pairs(kv: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for k, v in kv:
+            if k in out and warnings is not None and isinstance(v, str):
+                warnings.append(f"{index_path} [{k}]: listed in {out[k]} and {v}; using {v}")
+            out[k] = v
+        return out
+
     try:
-        doc = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise LineageError(f"{index_path}: unreadable index ({e})") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:

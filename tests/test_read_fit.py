@@ -1,0 +1,157 @@
+"""Byte-range decoding, chunk invariance, and the numerics of the per-tensor fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lineage.align import align
+from lineage.demo import fp8_dequantize, fp8_quantize
+from lineage.fit import blend, single
+from lineage.source import resolve
+from lineage.stats import Stats, accumulate
+from lineage.views import Reader, View
+from tests.common import write_model
+
+torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_decode_float_dtypes(tmp_path, dtype):
+    w = torch.randn(37, 19).to(dtype)
+    write_model(tmp_path, {"w": w})
+    m = resolve("m", str(tmp_path))
+    ix_view = View((__import__("lineage.views", fromlist=["segment"]).segment(m.tensors["w"]),))
+    with Reader() as r:
+        got = r.read(ix_view, 3, 30)
+    assert torch.equal(got.to(torch.float64), w[3:30].to(torch.float64))
+
+
+def _pair_model(tmp_path, name, tensors, shards=1):
+    write_model(tmp_path / name, tensors, shards)
+    return resolve(name, str(tmp_path / name))
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_fp8_block_scales_cropped_and_in_another_shard(tmp_path, scale_dtype):
+    """F8_E4M3 with 128x128 scales (F32 or BF16), blocks cropped at 200x300,
+    the scale stored in a different shard from its weight."""
+    w = torch.randn(200, 300)
+    q, s = fp8_quantize(w)
+    s = s.to(scale_dtype)
+    ref = fp8_dequantize(q, s)
+    folder = tmp_path / "fp8"
+    from safetensors.torch import save_file
+    import json
+
+    folder.mkdir()
+    save_file({"layer.weight": q}, str(folder / "a.safetensors"))
+    save_file({"layer.weight_scale_inv": s, "other": torch.zeros(2)}, str(folder / "b.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"layer.weight": "a.safetensors", "layer.weight_scale_inv": "b.safetensors", "other": "b.safetensors"}})
+    )
+    cand = resolve("fp8", str(folder))
+    sus = _pair_model(tmp_path, "bf", {"layer.weight": ref.to(torch.float32)})
+    groups, _ = align(sus, [cand])
+    (g,) = [g for g in groups if g.tensor == "layer.weight"]
+    with Reader() as r:
+        st = accumulate(g, r, chunk_bytes=1 << 12)  # a few rows per chunk, crossing block rows
+    sg = single(st, "fp8")
+    assert sg.exact_frac == 1.0 and sg.rel_dist == 0.0
+    # and FP8 storage noise is "a few percent": within the F8 rounding tolerance
+    assert 0.005 < (ref - w).norm() / w.norm() < 2.0**-4
+
+
+def test_integer_tensors_skipped(tmp_path):
+    sus = _pair_model(tmp_path, "s", {"ids": torch.arange(10), "w": torch.randn(3, 3)})
+    cand = _pair_model(tmp_path, "c", {"ids": torch.arange(10), "w": torch.randn(3, 3)})
+    groups, _ = align(sus, [cand])
+    g = {g.tensor: g for g in groups}
+    assert g["ids"].status == "skipped" and "I64 tensor is not a weight" in g["ids"].reason
+    assert g["w"].status == "ok"
+
+
+def _stats(tmp_path, s, ps, chunk=1 << 30, rows=None):
+    sus = _pair_model(tmp_path, "s", {"w": s})
+    cands = [_pair_model(tmp_path, f"p{i}", {"w": p}) for i, p in enumerate(ps)]
+    groups, _ = align(sus, cands)
+    with Reader() as r:
+        return accumulate(groups[0], r, chunk, rows)
+
+
+def test_chunking_does_not_change_the_result(tmp_path):
+    """A chunk far smaller than the tensor (1 row of 257) gives the same stats."""
+    base = torch.randn(257, 64)
+    p1 = base + 0.05 * torch.randn(257, 64)
+    s = (0.6 * p1 + 0.4 * base).to(torch.bfloat16).float()
+    whole = _stats(tmp_path, s, [base, p1])
+    tiny = _stats(tmp_path, s, [base, p1], chunk=1)
+    assert whole.n == tiny.n == 257 * 64 and whole.exact == tiny.exact
+    assert torch.allclose(whole.gram, tiny.gram, rtol=1e-12, atol=0)
+    b1, b2 = blend(whole), blend(tiny)
+    for k in b1.weights:
+        assert abs(b1.weights[k] - b2.weights[k]) < 1e-10
+
+
+def test_row_split_stats_merge_exactly(tmp_path):
+    base = torch.randn(100, 32)
+    s = base + 0.1 * torch.randn(100, 32)
+    whole = _stats(tmp_path, s, [base])
+    parts = [_stats(tmp_path, s, [base], rows=(a, b)) for a, b in [(0, 33), (33, 34), (34, 100)]]
+    merged = parts[0]
+    for p in parts[1:]:
+        merged.merge(p)
+    assert merged.n == whole.n
+    assert torch.allclose(merged.gram, whole.gram, rtol=1e-12)
+    assert Stats.from_dict(merged.to_dict()).gram.equal(merged.gram)
+
+
+def test_blend_recovers_weights_of_near_collinear_parents(tmp_path):
+    """Parents 0.999-cosine apart: the raw fit is ill-conditioned, the delta fit is not."""
+    base = torch.randn(512, 256, dtype=torch.float64)
+    ft = base + 0.02 * torch.randn(512, 256, dtype=torch.float64)
+    s = 0.57 * ft + 0.43 * base
+    st = _stats(tmp_path, s, [base, ft])
+    b = blend(st)
+    assert abs(b.weights["p1"] - 0.57) < 1e-9 and abs(b.weights["p0"] - 0.43) < 1e-9
+    assert b.cond < 2 and b.raw_cond > 1e3
+    assert b.residual_rel < 1e-9 and b.r2 > 1 - 1e-12
+    # the standard error of an exact fit is ~0; with BF16 storage it reflects the rounding
+    st16 = _stats(tmp_path, s.to(torch.bfloat16).float(), [base.float(), ft.float()])
+    b16 = blend(st16)
+    assert abs(b16.weights["p1"] - 0.57) < 0.005
+    assert 1e-5 < b16.se["p1"] < 0.01
+    assert 1e-4 < b16.residual_rel < 2.0**-8
+
+
+def test_blend_weights_do_not_depend_on_base(tmp_path):
+    base = torch.randn(300, 40, dtype=torch.float64)
+    a = base + 0.05 * torch.randn(300, 40, dtype=torch.float64)
+    c = base + 0.05 * torch.randn(300, 40, dtype=torch.float64)
+    s = 0.2 * base + 0.5 * a + 0.3 * c + 1e-3 * torch.randn(300, 40, dtype=torch.float64)
+    st = _stats(tmp_path, s, [base, a, c])
+    fits = [blend(st, base=b) for b in ("p0", "p1", "p2")]
+    for f in fits[1:]:
+        for k in ("p0", "p1", "p2"):
+            assert abs(f.weights[k] - fits[0].weights[k]) < 1e-9
+    assert abs(fits[0].weights["p1"] - 0.5) < 0.01
+    assert blend(st).base == "p0"  # the medoid of a base and two of its fine-tunes
+
+
+def test_single_candidate_metrics(tmp_path):
+    x = torch.randn(1000, 8, dtype=torch.float64)
+    y = torch.randn(1000, 8, dtype=torch.float64)
+    st = _stats(tmp_path, x, [x.clone(), y])
+    same, other = single(st, "p0"), single(st, "p1")
+    assert same.exact_frac == 1.0 and same.rel_dist == 0.0 and same.corr == pytest.approx(1.0)
+    assert abs(other.corr) < 5 / math.sqrt(8000) and abs(other.z) < 5
+    assert other.rel_dist == pytest.approx(math.sqrt(2), rel=0.05)
+
+
+def test_nonfinite_values_are_counted(tmp_path):
+    x = torch.randn(10, 10)
+    x[3, 3] = float("nan")
+    st = _stats(tmp_path, x, [torch.randn(10, 10)])
+    assert st.nonfinite == {"suspect": 1}
