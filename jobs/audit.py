@@ -100,13 +100,13 @@ def run(s: Settings) -> list[dict]:
     say(
         f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}"
     )
+    plan = plan_audit(s.model_set, s.unit_bytes, 1, s.max_item_bytes)  # headers only: bad input fails before Ray starts
+    for m in plan.suspects + plan.candidates:
+        for w in m.warnings:
+            say(f"warning: {w}")
     started = connect(s)
     try:
-        min_units = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-        plan = plan_audit(s.model_set, s.unit_bytes, min_units, s.max_item_bytes)
-        for m in plan.suspects + plan.candidates:
-            for w in m.warnings:
-                say(f"warning: {w}")
+        plan.pack(s.unit_bytes, 2 * max(1, int(ray.cluster_resources().get("CPU", 1))), s.max_item_bytes)
         say(
             f"plan: {len(plan.groups)} suspect tensors, {len(plan.units)} units, {plan.nbytes / 1e9:.2f} GB to read, "
             f"imbalance {imbalance(plan.units):.1%}, planned in {plan.seconds:.2f}s"

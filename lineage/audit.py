@@ -42,8 +42,16 @@ class AuditPlan:
     def nbytes(self) -> int:
         return sum(u.nbytes for u in self.units)
 
+    def pack(self, unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> AuditPlan:
+        """(Re)pack the groups into units, e.g. once the cluster's size is known."""
+        t0 = time.perf_counter()
+        self.units = plan_units(self.groups, unit_bytes, min_units, max_item_bytes)
+        self.seconds += time.perf_counter() - t0
+        return self
+
 
 def plan_audit(ms: ModelSet, unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> AuditPlan:
+    """Resolve every model from its headers, align, and pack units."""
     t0 = time.perf_counter()
     candidates = [resolve(c.name, c.source) for c in ms.candidates]
     suspects = [resolve(s.name, s.source) for s in ms.suspects]

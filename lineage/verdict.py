@@ -241,7 +241,7 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
                 "blend",
                 parents,
                 f"{suspect} is a linear blend: {desc} (95% intervals "
-                + ", ".join(f"{p['name']} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}]" for p in parents)
+                + ", ".join(f"{p['name']} [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]" for p in parents)
                 + f"). Fitted relative to a common base over {ev['matrices']} matrices, the blend leaves "
                 f"{ev['median_gain']:.0%} of the best single parent's residual (median cos_fit "
                 f"{ev['median_cos_fit']:.3f}), and the weights agree across tensors.",

