@@ -1,0 +1,81 @@
+"""Verdict rules on built families: siblings are not blends, aliases never split weight."""
+
+from __future__ import annotations
+
+import torch
+
+from lineage.audit import run_local
+from lineage.modelset import ModelSet
+from tests.common import modelset, write_model
+
+SHAPES = {
+    f"layers.{i}.{n}.weight": s for i in range(3) for n, s in (("q_proj", (96, 64)), ("up_proj", (128, 64)), ("norm", (64,)))
+}
+
+
+def family(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(shape):
+        return torch.randn(shape, generator=g)
+
+    base = {k: (1 + 0.1 * rnd(s)) if len(s) == 1 else rnd(s) / 8 for k, s in SHAPES.items()}
+
+    def tune(common, scale=0.05):
+        return {k: v + scale * v.std() * (0.6 * common[k] + 0.8 * rnd(v.shape)) for k, v in base.items()}
+
+    common = {k: rnd(v.shape) for k, v in base.items()}  # shared direction: siblings' deltas correlate
+    return base, tune(common), tune(common), rnd
+
+
+def test_sibling_fine_tune_is_derived_not_blend(tmp_path):
+    base, ft1, ft2, _ = family()
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "ft1", ft1)
+    write_model(tmp_path / "ft2", ft2)
+    ms = ModelSet.from_dict(modelset({"ft1": tmp_path / "ft1"}, {"base": tmp_path / "base", "sibling": tmp_path / "ft2"}))
+    (v,) = run_local(ms, tmp_path / "out")
+    assert v["verdict"] == "derived" and v["parents"][0]["name"] == "base"
+    gain = v["evidence"]["blend"]["median_gain"]
+    assert 0.85 < gain < 1.0  # the sibling explains a little (correlated deltas), not a blend's worth
+
+
+def test_blend_with_an_alias_candidate(tmp_path):
+    base, ft1, _, _ = family(1)
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "base-reupload", {f"model.{k}": v for k, v in base.items()}, shards=2)
+    write_model(tmp_path / "ft1", ft1)
+    rio = {k: (0.3 * ft1[k] + 0.7 * base[k]).to(torch.bfloat16) for k in base}
+    write_model(tmp_path / "rio", rio)
+    ms = ModelSet.from_dict(
+        modelset(
+            {"rio": tmp_path / "rio"},
+            {"base": tmp_path / "base", "ft1": tmp_path / "ft1", "base-reupload": tmp_path / "base-reupload"},
+        )
+    )
+    (v,) = run_local(ms, tmp_path / "out")
+    assert v["verdict"] == "blend"
+    w = {p["name"]: p["weight"] for p in v["parents"]}
+    assert set(w) == {"base", "ft1"} and abs(w["ft1"] - 0.3) < 0.01
+    assert v["aliases"] == {"base": ["base-reupload"]}
+
+
+def test_unrelated_and_nonfinite_rows(tmp_path):
+    base, _, _, rnd = family(2)
+    other = {k: rnd(v.shape) / 8 for k, v in base.items()}
+    other["layers.0.q_proj.weight"][0, 0] = float("nan")
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "other", other)
+    ms = ModelSet.from_dict(modelset({"other": tmp_path / "other"}, {"base": tmp_path / "base"}))
+    (v,) = run_local(ms, tmp_path / "out")
+    assert v["verdict"] == "unrelated"
+    assert v["coverage"]["skipped"] == {"error: non-finite values": 1}
+    assert v["coverage"]["tensors_compared"] == len(SHAPES) - 1
+
+
+def test_demo_builds_deterministically(tmp_path):
+    from lineage.demo import ensure
+
+    a, b = ensure(tmp_path / "a"), ensure(tmp_path / "b")
+    for f in sorted(p.relative_to(a) for p in a.rglob("*.safetensors")):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
