@@ -159,7 +159,7 @@ def _group(s_ix: Index, e: TensorEntry, c_ixs: list[Index], used: dict[str, set[
         sides.append(side)
     paired = [s for s in sides if s.view is not None]
     if not paired:
-        reasons = "; ".join(f"{s.candidate}: {s.reason}" for s in sides) or "no candidates"
+        reasons = "unpaired: " + ("; ".join(f"{s.candidate}: {s.reason}" for s in sides) or "no candidates")
         return Group(**meta, view=None, sides=tuple(sides), status="skipped", reason=reasons)
     rows = min(s.view.rows for s in paired)  # type: ignore[union-attr]
     if rows != s_view.rows or any(s.view.rows != rows for s in paired):  # type: ignore[union-attr]

@@ -49,8 +49,12 @@ def natural_key(s: str) -> list[object]:
 
 def resolve(name: str, source: str) -> Model:
     """Resolve `source` (see module docstring) into a `Model` named `name`."""
+    trusted = None
     if source.startswith(HF_SCHEME):
         root = Path(download_hf(source))
+        # huggingface_hub stores files once in the repo's blobs/ and links
+        # them from snapshots/REV/: links may go up to the repo's cache folder.
+        trusted = root.parent.parent
     else:
         root = Path(os.path.expanduser(source))
     if root.is_file():
@@ -59,7 +63,7 @@ def resolve(name: str, source: str) -> Model:
         return _model(name, source, str(root.parent), [str(root)], None)
     if not root.is_dir():
         raise LineageError(f"{source}: no such file or folder (model {name})")
-    return _from_folder(name, source, root)
+    return _from_folder(name, source, root, trusted)
 
 
 def download_hf(source: str) -> str:
@@ -90,7 +94,7 @@ def download_hf(source: str) -> str:
         raise LineageError(f"{source}: not in the local Hugging Face cache and not downloadable ({first})") from None
 
 
-def _from_folder(name: str, source: str, root: Path) -> Model:
+def _from_folder(name: str, source: str, root: Path, trusted: Path | None = None) -> Model:
     indexes = sorted(root.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
         preferred = root / "model.safetensors.index.json"
@@ -101,7 +105,7 @@ def _from_folder(name: str, source: str, root: Path) -> Model:
         indexes = [preferred]
     if indexes:
         warnings: list[str] = []
-        weight_map = read_index(indexes[0], root, warnings)
+        weight_map = read_index(indexes[0], root, warnings, trusted)
         shards = sorted(set(weight_map.values()), key=natural_key)
         model = _model(name, source, str(root), [str(root / s) for s in shards], weight_map)
         model.warnings[:0] = warnings
@@ -124,8 +128,11 @@ def _refuse_or_unknown(root: Path, files: list[Path]) -> None:
     raise LineageError(f"{root}: no .safetensors files found")
 
 
-def read_index(index_path: Path, root: Path, warnings: list[str] | None = None) -> dict[str, str]:
+def read_index(index_path: Path, root: Path, warnings: list[str] | None = None, trusted: Path | None = None) -> dict[str, str]:
     """Parse and check a `model.safetensors.index.json`: name -> shard file name.
+
+    Shard names must be relative and free of `..`; after following links
+    they must stay inside `trusted` (default: the model folder itself).
 
     A key the index lists twice keeps its last shard (as `json` would), with
     a warning appended to `warnings`.
@@ -147,6 +154,7 @@ def read_index(index_path: Path, root: Path, warnings: list[str] | None = None) 
     if not isinstance(weight_map, dict) or not weight_map:
         raise LineageError(f"{index_path}: no 'weight_map' object")
     real_root = os.path.realpath(root)
+    allowed = os.path.realpath(trusted) if trusted is not None else real_root
     checked: dict[str, str] = {}
     for key, shard in weight_map.items():
         if shard in checked:
@@ -156,7 +164,7 @@ def read_index(index_path: Path, root: Path, warnings: list[str] | None = None) 
         if os.path.isabs(shard) or ".." in Path(shard).parts:
             raise LineageError(f"{index_path} [{key}]: shard path {shard!r} leaves the model folder")
         real = os.path.realpath(os.path.join(real_root, shard))
-        if os.path.commonpath([real, real_root]) != real_root:
+        if os.path.commonpath([real, allowed]) != allowed:
             raise LineageError(f"{index_path} [{key}]: shard {shard!r} links outside the model folder")
         if not os.path.isfile(real):
             raise LineageError(f"{index_path} [{key}]: shard {shard!r} is missing")

@@ -28,6 +28,7 @@ combines the spread across tensors with the per-tensor standard errors.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -267,7 +268,10 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
 
 
 def _short(reason: str) -> str:
-    return reason.split(":")[0][:80] if ":" in reason else reason[:80]
+    """A reason's category for counting: no file, tensor, or numbers."""
+    if "]: " in reason:
+        reason = reason.split("]: ", 1)[1]
+    return re.sub(r"\d+", "N", reason.split(": ")[0])[:80]
 
 
 def _top(c: Counter) -> str:

@@ -124,7 +124,13 @@ def test_hf_source_from_local_cache(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = cache / "models--acme--tiny"
-    write_model(repo / "snapshots" / commit, W)
+    # the real cache layout: files stored once in blobs/, linked from snapshots/REV/
+    snap = write_model(repo / "snapshots" / commit, W, shards=2)
+    (repo / "blobs").mkdir()
+    for f in list(snap.iterdir()):
+        blob = repo / "blobs" / f"blob-{f.name}"
+        f.rename(blob)
+        os.symlink(os.path.relpath(blob, snap), f)
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))

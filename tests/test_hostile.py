@@ -1,0 +1,61 @@
+"""Broken inputs met during an audit: clear errors, nothing lost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lineage.audit import Reducer, plan_audit
+from lineage.errors import LineageError
+from lineage.modelset import ModelSet
+from lineage.output import read_rows
+from lineage.source import resolve
+from lineage.work import run_unit
+from tests.common import modelset, write_model
+
+
+def test_duplicate_names_and_bad_members():
+    with pytest.raises(LineageError, match="duplicate name 'a'"):
+        ModelSet.from_dict(modelset({"a": "/x"}, {"a": "/y"}))
+    with pytest.raises(LineageError, match="unknown keys \\['sorce'\\]"):
+        ModelSet.from_dict(
+            {"name": "m", "suspects": [{"name": "s", "sorce": "/x"}], "candidates": [{"name": "c", "source": "/y"}]}
+        )
+    with pytest.raises(LineageError, match="several candidates marked base"):
+        ModelSet.from_dict(
+            modelset({"s": "/x"}, {"a": "/y", "b": "/z"})
+            | {"candidates": [{"name": "a", "source": "/y", "base": True}, {"name": "b", "source": "/z", "base": True}]}
+        )
+    with pytest.raises(LineageError, match="name 'a/b' must be letters"):
+        ModelSet.from_dict(modelset({"a/b": "/x"}, {"c": "/y"}))
+
+
+def test_unreadable_file(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.safetensors").mkdir()  # not a readable file, even for root
+    with pytest.raises(LineageError, match="model.safetensors: cannot read: Is a directory"):
+        resolve("m", str(tmp_path / "m"))
+
+
+def test_file_truncated_after_planning_becomes_error_rows(tmp_path):
+    """A shard that loses its tail mid-audit: its tensors become `error` rows
+    naming file and tensor; every other tensor is still written."""
+    g = torch.Generator().manual_seed(0)
+    cand = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(6)}
+    sus = {k: v + 0.01 * torch.randn(64, 64, generator=g) for k, v in cand.items()}
+    write_model(tmp_path / "c", cand)
+    write_model(tmp_path / "s", sus)
+    ms = ModelSet.from_dict(modelset({"s": tmp_path / "s"}, {"c": tmp_path / "c"}))
+    plan = plan_audit(ms, unit_bytes=1 << 30, min_units=3)
+    f = tmp_path / "s" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: -64 * 64 * 4 - 100])  # the last tensor, and a bit more, gone
+    red = Reducer(plan, tmp_path / "out")
+    for u in plan.units:
+        red.add(run_unit(u, 1 << 20), u.uid)
+    (v,) = red.finish()
+    rows = {r["tensor"]: r for r in read_rows(tmp_path / "out", "s")}
+    errors = {k: r["reason"] for k, r in rows.items() if r["status"] == "error"}
+    assert set(errors) == {"w4", "w5"}
+    assert all(str(f) in msg and "file ends before byte" in msg for msg in errors.values())
+    assert sum(r["status"] == "ok" for r in rows.values()) == 4
+    assert v["verdict"] == "derived" and v["coverage"]["skipped"] == {"error: file ends before byte N; truncated?": 2}
