@@ -101,6 +101,8 @@ def run(s: Settings) -> list[dict]:
         f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}"
     )
     plan = plan_audit(s.model_set, s.unit_bytes, 1, s.max_item_bytes)  # headers only: bad input fails before Ray starts
+    if plan.resume_from(s.output_dir):
+        say(f"resuming: {len(plan.done)} of {len(plan.groups)} tensors already written in {s.output_dir}")
     for m in plan.suspects + plan.candidates:
         for w in m.warnings:
             say(f"warning: {w}")

@@ -6,18 +6,29 @@ in any order, sums the row-range parts of a split tensor, writes each row as
 soon as its tensor is complete, and finally reads the dataset back to decide
 the verdicts. The Ray job in `jobs/audit.py` is the loop between the two;
 `run_local` is the same loop in one process, for tests and debugging.
+
+Resume: `output_dir/audit.json` records a fingerprint of the audit (model
+set, every tensor's file, dtype, shape and offsets, and the declared base).
+A run that finds rows in an output directory with the same fingerprint
+keeps them, plans only the tensors that have no row yet, and produces the
+same dataset as an uninterrupted run. A different fingerprint is refused:
+results already written are never overwritten by another audit's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lineage import __version__
 from lineage.align import Group, align
+from lineage.errors import LineageError
 from lineage.modelset import ModelSet
-from lineage.output import TensorWriter, read_rows, write_verdicts
+from lineage.output import TensorWriter, atomic_write_bytes, read_rows, write_verdicts
 from lineage.plan import Unit, plan_units
 from lineage.rows import tensor_row
 from lineage.source import Model, resolve
@@ -26,6 +37,7 @@ from lineage.verdict import Candidate, decide
 from lineage.work import ItemResult, run_unit
 
 log = logging.getLogger("lineage")
+MANIFEST = "audit.json"
 
 
 @dataclass
@@ -37,17 +49,63 @@ class AuditPlan:
     unmatched: dict[str, dict[str, int]]  # suspect -> candidate -> unused candidate tensors
     units: list[Unit]
     seconds: float = 0.0
+    done: set[int] = field(default_factory=set)  # gids whose rows an earlier run wrote
 
     @property
     def nbytes(self) -> int:
         return sum(u.nbytes for u in self.units)
 
     def pack(self, unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> AuditPlan:
-        """(Re)pack the groups into units, e.g. once the cluster's size is known."""
+        """(Re)pack the groups not yet done into units, e.g. once the cluster's size is known."""
         t0 = time.perf_counter()
-        self.units = plan_units(self.groups, unit_bytes, min_units, max_item_bytes)
+        todo = [g if gid not in self.done else None for gid, g in enumerate(self.groups)]
+        self.units = plan_units(todo, unit_bytes, min_units, max_item_bytes)
         self.seconds += time.perf_counter() - t0
         return self
+
+    def fingerprint(self) -> str:
+        """What decides the results: the models' tensors and the model set."""
+        h = hashlib.sha256()
+        ms = self.model_set
+        h.update(json.dumps([ms.name, [(m.name, m.base) for m in ms.suspects + ms.candidates]]).encode())
+        for m in self.suspects + self.candidates:
+            h.update(m.name.encode())
+            for name in sorted(m.tensors):
+                t = m.tensors[name]
+                h.update(f"{name}|{Path(t.path).name}|{t.dtype}|{t.shape}|{t.start}|{t.end}".encode())
+        return h.hexdigest()
+
+    def resume_from(self, out_dir: Path) -> int:
+        """Mark the tensors already written under `out_dir` as done; return how many.
+
+        Writes the manifest on a fresh directory; refuses one that holds
+        another audit.
+        """
+        path = Path(out_dir) / MANIFEST
+        fp = self.fingerprint()
+        if path.exists():
+            try:
+                prev = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise LineageError(f"{path}: unreadable ({e}); move it away to start over") from None
+            if prev.get("fingerprint") != fp:
+                raise LineageError(
+                    f"{out_dir}: holds the results of a different audit (model set {prev.get('model_set')!r} or its files changed); "
+                    "choose another output_dir or delete this one"
+                )
+        else:
+            stale = Path(out_dir) / "tensors"
+            if stale.exists() and any(stale.rglob("*.parquet")):
+                raise LineageError(f"{out_dir}: has tensors/ but no {MANIFEST}; choose another output_dir or delete it")
+            doc = {"fingerprint": fp, "model_set": self.model_set.name, "lineage": __version__, "created": time.time()}
+            atomic_write_bytes(path, json.dumps(doc, indent=2).encode())
+        index = {(g.suspect, g.tensor): gid for gid, g in enumerate(self.groups)}
+        for s in self.suspects:
+            for r in read_rows(Path(out_dir), s.name, columns=["tensor"]):
+                gid = index.get((s.name, r["tensor"]))
+                if gid is not None:
+                    self.done.add(gid)
+        return len(self.done)
 
 
 def plan_audit(ms: ModelSet, unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> AuditPlan:
@@ -78,8 +136,8 @@ class Reducer:
     def __post_init__(self) -> None:
         self.writer = TensorWriter(self.out_dir, self.flush_rows)
         base = self.plan.model_set.base
-        for g in self.plan.groups:
-            if g.status != "ok":
+        for gid, g in enumerate(self.plan.groups):
+            if g.status != "ok" and gid not in self.plan.done:
                 self.writer.add(g.suspect, tensor_row(g, None, base=base))
 
     def add(self, results: list[ItemResult], unit: int = -1) -> None:
@@ -114,8 +172,10 @@ class Reducer:
 
 
 def run_local(ms: ModelSet, out_dir: Path, chunk_bytes: int = 64 << 20, unit_bytes: int = 256 << 20) -> list[dict]:
-    """The whole audit in this process (no Ray)."""
+    """The whole audit in this process (no Ray), resuming what `out_dir` holds."""
     plan = plan_audit(ms, unit_bytes)
+    plan.resume_from(Path(out_dir))
+    plan.pack(unit_bytes)
     red = Reducer(plan, Path(out_dir))
     for u in plan.units:
         red.add(run_unit(u, chunk_bytes, ms.base), u.uid)

@@ -87,13 +87,13 @@ class TensorWriter:
         self.flush()
 
 
-def read_rows(out_dir: Path, suspect: str) -> list[dict]:
+def read_rows(out_dir: Path, suspect: str, columns: list[str] | None = None) -> list[dict]:
     """All rows of one suspect, read back from its partition."""
     folder = partition_dir(out_dir, suspect)
     parts = sorted(folder.glob("part-*.parquet"))
     if not parts:
         return []
-    return pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts]).to_pylist()
+    return pa.concat_tables([pq.read_table(p, schema=SCHEMA, columns=columns) for p in parts]).to_pylist()
 
 
 VERDICT_SCHEMA = pa.schema(

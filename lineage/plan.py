@@ -41,11 +41,11 @@ class Unit:
         return sum(i.nbytes for i in self.items)
 
 
-def items_of(groups: list[Group], max_item_bytes: int) -> list[Item]:
-    """Work items for every comparable group, big ones split by rows."""
+def items_of(groups: list[Group | None], max_item_bytes: int) -> list[Item]:
+    """Work items for every comparable group (None: nothing to do), big ones split by rows."""
     out = []
     for gid, g in enumerate(groups):
-        if g.status != "ok" or g.view is None:
+        if g is None or g.status != "ok" or g.view is None:
             continue
         nb, rows = g.nbytes, g.view.rows
         parts = max(1, min(rows, math.ceil(nb / max_item_bytes)))
@@ -56,7 +56,7 @@ def items_of(groups: list[Group], max_item_bytes: int) -> list[Item]:
     return out
 
 
-def plan_units(groups: list[Group], unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> list[Unit]:
+def plan_units(groups: list[Group | None], unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> list[Unit]:
     """Pack the groups' items into about total/unit_bytes units (at least `min_units`)."""
     items = items_of(groups, max_item_bytes or unit_bytes)
     if not items:
