@@ -30,6 +30,9 @@ from lineage.report import table
 from lineage.work import run_unit
 
 REPO = Path(__file__).resolve().parent.parent
+#: Exit codes: 0 all audited; 1 Hydra config error; 2 bad input, nothing
+#: audited (LineageError); 3 audit done but some suspects could not be opened.
+EXIT_SOME_FAILED = 3
 
 
 def say(msg: str) -> None:
@@ -106,6 +109,8 @@ def run(s: Settings) -> list[dict]:
     for m in plan.suspects + plan.candidates:
         for w in m.warnings:
             say(f"warning: {w}")
+    for name, err in plan.failed.items():
+        say(f"error: suspect {name} cannot be audited: {err}")
     started = connect(s)
     try:
         plan.pack(s.unit_bytes, 2 * max(1, int(ray.cluster_resources().get("CPU", 1))), s.max_item_bytes)
@@ -125,10 +130,15 @@ def run(s: Settings) -> list[dict]:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     try:
-        run(Settings.from_cfg(cfg))
+        verdicts = run(Settings.from_cfg(cfg))
     except LineageError as e:
         print(f"lineage: error: {e}", file=sys.stderr, flush=True)
         sys.exit(LineageError.exit_code)
+    failed = [v for v in verdicts if v.get("error")]
+    for v in failed:
+        print(f"lineage: error: {v['error']}", file=sys.stderr, flush=True)
+    if failed:
+        sys.exit(EXIT_SOME_FAILED)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from lineage.plan import Unit, plan_units
 from lineage.rows import tensor_row
 from lineage.source import Model, resolve
 from lineage.stats import Stats
-from lineage.verdict import Candidate, decide
+from lineage.verdict import Candidate, decide, unreadable
 from lineage.work import ItemResult, run_unit
 
 log = logging.getLogger("lineage")
@@ -50,6 +50,7 @@ class AuditPlan:
     units: list[Unit]
     seconds: float = 0.0
     done: set[int] = field(default_factory=set)  # gids whose rows an earlier run wrote
+    failed: dict[str, str] = field(default_factory=dict)  # suspect -> why it could not be opened
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +68,7 @@ class AuditPlan:
         """What decides the results: the models' tensors and the model set."""
         h = hashlib.sha256()
         ms = self.model_set
-        h.update(json.dumps([ms.name, [(m.name, m.base) for m in ms.suspects + ms.candidates]]).encode())
+        h.update(json.dumps([ms.name, [(m.name, m.base) for m in ms.suspects + ms.candidates], sorted(self.failed)]).encode())
         for m in self.suspects + self.candidates:
             h.update(m.name.encode())
             for name in sorted(m.tensors):
@@ -109,10 +110,21 @@ class AuditPlan:
 
 
 def plan_audit(ms: ModelSet, unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> AuditPlan:
-    """Resolve every model from its headers, align, and pack units."""
+    """Resolve every model from its headers, align, and pack units.
+
+    A candidate that cannot be opened stops the audit (every comparison
+    needs it). A suspect that cannot be opened is recorded in `failed` and
+    gets an `inconclusive` verdict carrying the error, so one broken upload
+    does not block a bulk audit of the others.
+    """
     t0 = time.perf_counter()
     candidates = [resolve(c.name, c.source) for c in ms.candidates]
-    suspects = [resolve(s.name, s.source) for s in ms.suspects]
+    suspects, failed = [], {}
+    for s in ms.suspects:
+        try:
+            suspects.append(resolve(s.name, s.source))
+        except LineageError as e:
+            failed[s.name] = str(e)
     groups: list[Group] = []
     unmatched = {}
     for s in suspects:
@@ -120,7 +132,7 @@ def plan_audit(ms: ModelSet, unit_bytes: int, min_units: int = 1, max_item_bytes
         groups.extend(gs)
         unmatched[s.name] = {k: len(v) for k, v in um.items()}
     units = plan_units(groups, unit_bytes, min_units, max_item_bytes)
-    return AuditPlan(ms, suspects, candidates, groups, unmatched, units, time.perf_counter() - t0)
+    return AuditPlan(ms, suspects, candidates, groups, unmatched, units, time.perf_counter() - t0, failed=failed)
 
 
 @dataclass
@@ -164,9 +176,12 @@ class Reducer:
             missing = sorted(self.plan.groups[g].tensor for g in self._parts)
             raise RuntimeError(f"incomplete tensors after all units: {missing[:5]}")
         cands = [Candidate(c.name, c.base) for c in self.plan.model_set.candidates]
-        verdicts = [
-            decide(s.name, read_rows(self.out_dir, s.name), cands, self.plan.unmatched.get(s.name)) for s in self.plan.suspects
-        ]
+        decided = {
+            s.name: decide(s.name, read_rows(self.out_dir, s.name), cands, self.plan.unmatched.get(s.name))
+            for s in self.plan.suspects
+        }
+        decided |= {name: unreadable(name, err) for name, err in self.plan.failed.items()}
+        verdicts = [decided[m.name] for m in self.plan.model_set.suspects]
         write_verdicts(self.out_dir, verdicts)
         return verdicts
 

@@ -267,6 +267,21 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
     )
 
 
+def unreadable(suspect: str, error: str) -> dict:
+    """The verdict of a suspect whose files could not be opened."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "suspect": suspect,
+        "verdict": "inconclusive",
+        "parents": [],
+        "closest": None,
+        "coverage": {"tensors": 0, "tensors_compared": 0, "bytes_compared": 0, "skipped": {}},
+        "components": {},
+        "error": error,
+        "explanation": f"{suspect} could not be audited: {error}",
+    }
+
+
 def _short(reason: str) -> str:
     """A reason's category for counting: no file, tensor, or numbers."""
     if "]: " in reason:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import torch
 from safetensors.torch import load_file
 
@@ -64,8 +65,34 @@ def test_errors_are_one_line_with_exit_codes(tmp_path):
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[:-100])
     (tmp_path / "conf" / "model_set" / "trunc.yaml").write_text(
-        f"name: trunc\nsuspects:\n  - {{name: s, source: {bad}}}\ncandidates:\n  - {{name: c, source: {MINILM}}}\n"
+        f"name: trunc\nsuspects:\n  - {{name: s, source: {MINILM}}}\ncandidates:\n  - {{name: c, source: {bad}}}\n"
     )
     p = audit("--config-dir", str(tmp_path / "conf"), "model_set=trunc", f"output_dir={tmp_path / 'o2'}")
-    assert p.returncode == 2
+    assert p.returncode == 2  # a broken candidate: nothing can be compared
     assert p.stderr.strip().splitlines()[-1].startswith(f"lineage: error: {bad / 'model.safetensors'} [w]: data_offsets")
+
+
+def test_broken_suspect_does_not_block_the_others(tmp_path):
+    """Bulk audit: one truncated upload gets an inconclusive verdict with its error,
+    the other suspects are audited, and the exit code (3) says so."""
+    bad = tmp_path / "trunc"
+    write_model(bad, {"w": torch.randn(64, 64)})
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-100])
+    real = load_file(str(MINILM))
+    write_model(tmp_path / "copy", real)
+    (tmp_path / "conf" / "model_set").mkdir(parents=True)
+    (tmp_path / "conf" / "model_set" / "bulk.yaml").write_text(
+        f"name: bulk\nsuspects:\n  - {{name: broken, source: {bad}}}\n  - {{name: good, source: {tmp_path / 'copy'}}}\n"
+        f"candidates:\n  - {{name: c, source: {MINILM}}}\n"
+    )
+    out = tmp_path / "o"
+    p = audit("--config-dir", str(tmp_path / "conf"), "model_set=bulk", f"output_dir={out}", "compute.num_cpus=1")
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"lineage: error: {bad / 'model.safetensors'} [w]: data_offsets")
+    rows = (
+        duckdb.connect()
+        .execute(f"select suspect, verdict from read_parquet('{out}/verdicts.parquet') order by suspect")
+        .fetchall()
+    )
+    assert rows == [("broken", "inconclusive"), ("good", "identical")]
