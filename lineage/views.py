@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -128,12 +129,22 @@ def check_scale(entry: TensorEntry, scale: TensorEntry) -> None:
 
 
 class Reader:
-    """Byte-range reads with a small set of open files; use as a context manager."""
+    """Byte-range reads with a small set of open files; use as a context manager.
 
-    def __init__(self, max_open: int = 64) -> None:
+    Network filesystems and object-store mounts fail transiently (a dropped
+    connection, a file briefly missing while a sync replaces it), so a failed
+    open or read is retried `retries` times with growing pauses, reopening
+    the file, before it becomes an error row. A file that ends early is not
+    retried: it is truncated, and waiting will not fix it.
+    """
+
+    def __init__(self, max_open: int = 64, retries: int = 3, backoff_s: float = 0.2) -> None:
         self._fds: dict[str, int] = {}
         self._max_open = max_open
+        self.retries = retries
+        self.backoff_s = backoff_s
         self.bytes_read = 0
+        self.retried = 0
 
     def __enter__(self) -> Reader:
         return self
@@ -151,23 +162,31 @@ class Reader:
         if fd is None:
             if len(self._fds) >= self._max_open:
                 self.close()
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise LineageError(f"{path}: cannot open: {e.strerror}") from None
+            fd = os.open(path, os.O_RDONLY)
             self._fds[path] = fd
         return fd
 
     def pread(self, path: str, name: str, offset: int, nbytes: int) -> bytearray:
+        for attempt in range(self.retries + 1):
+            try:
+                return self._pread(path, name, offset, nbytes)
+            except OSError as e:
+                fd = self._fds.pop(path, None)
+                if fd is not None:
+                    os.close(fd)
+                if attempt == self.retries:
+                    raise LineageError(f"{path} [{name}]: read failed after {attempt + 1} attempts: {e.strerror or e}") from None
+                self.retried += 1
+                time.sleep(self.backoff_s * 4**attempt)
+        raise AssertionError("unreachable")
+
+    def _pread(self, path: str, name: str, offset: int, nbytes: int) -> bytearray:
         buf = bytearray(nbytes)
         view = memoryview(buf)
         fd = self._fd(path)
         got = 0
         while got < nbytes:
-            try:
-                n = os.preadv(fd, [view[got:]], offset + got)
-            except OSError as e:
-                raise LineageError(f"{path} [{name}]: read failed: {e.strerror}") from None
+            n = os.preadv(fd, [view[got:]], offset + got)
             if n == 0:
                 raise LineageError(f"{path} [{name}]: file ends before byte {offset + nbytes}; truncated?")
             got += n

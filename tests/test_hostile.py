@@ -59,3 +59,30 @@ def test_file_truncated_after_planning_becomes_error_rows(tmp_path):
     assert all(str(f) in msg and "file ends before byte" in msg for msg in errors.values())
     assert sum(r["status"] == "ok" for r in rows.values()) == 4
     assert v["verdict"] == "derived" and v["coverage"]["skipped"] == {"error: file ends before byte N; truncated?": 2}
+
+
+def test_transient_read_error_is_retried(tmp_path):
+    """A shard briefly missing (a sync replacing it) is retried, not lost; one
+    that stays missing becomes an error naming the file and tensor."""
+    import threading
+
+    from lineage.align import align
+    from lineage.stats import accumulate
+    from lineage.views import Reader
+
+    write_model(tmp_path / "s", {"w": torch.randn(32, 32)})
+    write_model(tmp_path / "c", {"w": torch.randn(32, 32)})
+    (g,) = align(resolve("s", str(tmp_path / "s")), [resolve("c", str(tmp_path / "c"))])[0]
+    f = tmp_path / "c" / "model.safetensors"
+    away = tmp_path / "elsewhere"
+    f.rename(away)
+    threading.Timer(0.3, lambda: away.rename(f)).start()
+    with Reader(retries=3, backoff_s=0.2) as r:
+        st = accumulate(g, r, 1 << 20)
+        assert st.n == 32 * 32 and r.retried >= 1
+    f.rename(away)
+    with (
+        Reader(retries=1, backoff_s=0.01) as r,
+        pytest.raises(LineageError, match=r"model.safetensors \[w\]: read failed after 2 attempts"),
+    ):
+        accumulate(g, r, 1 << 20)
