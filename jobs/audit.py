@@ -23,11 +23,11 @@ import ray
 from omegaconf import DictConfig
 
 from jobs.settings import Settings
+from jobs.workers import Dispatcher
 from lineage.audit import AuditPlan, Reducer, plan_audit
 from lineage.errors import LineageError
 from lineage.plan import imbalance
 from lineage.report import table
-from lineage.work import run_unit
 
 REPO = Path(__file__).resolve().parent.parent
 #: Exit codes: 0 all audited; 1 Hydra config error; 2 bad input, nothing
@@ -38,17 +38,6 @@ EXIT_SOME_FAILED = 3
 def say(msg: str) -> None:
     """Plain progress lines; Ray prefixes worker output, so the driver prints its own."""
     print(f"[lineage] {msg}", flush=True)
-
-
-def fit_unit(unit, chunk_bytes: int, base: str | None, want_gpu: bool):
-    """The Ray task body: one unit, on the GPU Ray gave us if any."""
-    import torch
-
-    device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    return run_unit(unit, chunk_bytes, base, device)
 
 
 def connect(s: Settings) -> bool:
@@ -68,33 +57,43 @@ def connect(s: Settings) -> bool:
 
 
 def execute(plan: AuditPlan, s: Settings) -> list[dict]:
-    """Run the plan's units on Ray and reduce them into the output directory."""
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // max(s.compute.cpus_per_task, 1e-9)))
-    if s.compute.gpus_per_task:
-        slots = max(1, int(ray.cluster_resources().get("GPU", 0) // s.compute.gpus_per_task))
-    max_in_flight = s.compute.max_in_flight or 2 * slots
-    task = ray.remote(fit_unit).options(num_cpus=s.compute.cpus_per_task, num_gpus=s.compute.gpus_per_task, max_retries=3)
+    """Run the plan's units on Ray, at most `max_in_flight` at a time, and reduce them."""
+    res = ray.cluster_resources()
+    c = s.compute
+    slots = int(res.get("GPU", 0) // c.gpus_per_task) if c.gpus_per_task else int(res.get("CPU", 1) // max(c.cpus_per_task, 1e-9))
+    slots = max(1, min(slots, len(plan.units) or 1))
+    max_in_flight = c.max_in_flight or 2 * slots
+    pool = Dispatcher(c.cpus_per_task, c.gpus_per_task, s.chunk_bytes, plan.model_set.base, n_actors=slots)
+    if pool.actors:
+        info = pool.describe()
+        say(
+            f"{len(info)} fit actors, {c.gpus_per_task:g} GPU each: "
+            + ", ".join(f"gpu {','.join(i['gpu_ids'])} -> {i['device']}" for i in info)
+        )
     reducer = Reducer(plan, s.output_dir, s.flush_rows)
     pending = list(plan.units)
     in_flight: dict = {}
     done_bytes, t0, last = 0, time.perf_counter(), 0.0
-    want_gpu = s.compute.gpus_per_task > 0
-    while pending or in_flight:
-        while pending and len(in_flight) < max_in_flight:
-            u = pending.pop(0)
-            in_flight[task.remote(u, s.chunk_bytes, plan.model_set.base, want_gpu)] = u
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        for ref in ready:
-            u = in_flight.pop(ref)
-            reducer.add(ray.get(ref), u.uid)
-            done_bytes += u.nbytes
-        now = time.perf_counter()
-        if now - last > 5 or not (pending or in_flight):
-            last = now
-            done = len(plan.units) - len(pending) - len(in_flight)
-            say(
-                f"units {done}/{len(plan.units)}  {done_bytes / 1e9:.2f}/{plan.nbytes / 1e9:.2f} GB  {done_bytes / 1e6 / max(now - t0, 1e-9):.0f} MB/s"
-            )
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < max_in_flight:
+                u = pending.pop(0)
+                in_flight[pool.submit(u)] = u
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                u = in_flight.pop(ref)
+                pool.done(ref)
+                reducer.add(ray.get(ref), u.uid)
+                done_bytes += u.nbytes
+            now = time.perf_counter()
+            if now - last > 5 or not (pending or in_flight):
+                last = now
+                done = len(plan.units) - len(pending) - len(in_flight)
+                say(
+                    f"units {done}/{len(plan.units)}  {done_bytes / 1e9:.2f}/{plan.nbytes / 1e9:.2f} GB  {done_bytes / 1e6 / max(now - t0, 1e-9):.0f} MB/s"
+                )
+    finally:
+        pool.close()
     return reducer.finish()
 
 
