@@ -73,12 +73,13 @@ def execute(plan: AuditPlan, s: Settings) -> list[dict]:
     reducer = Reducer(plan, s.output_dir, s.flush_rows)
     pending = list(plan.units)
     in_flight: dict = {}
-    done_bytes, t0, last = 0, time.perf_counter(), 0.0
+    done_bytes, t0, last, peak_in_flight = 0, time.perf_counter(), 0.0, 0
     try:
         while pending or in_flight:
             while pending and len(in_flight) < max_in_flight:
                 u = pending.pop(0)
                 in_flight[pool.submit(u)] = u
+            peak_in_flight = max(peak_in_flight, len(in_flight))
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 u = in_flight.pop(ref)
@@ -94,7 +95,11 @@ def execute(plan: AuditPlan, s: Settings) -> list[dict]:
                 )
     finally:
         pool.close()
-    return reducer.finish()
+    verdicts = reducer.finish()
+    say(
+        f"driver: at most {peak_in_flight} units in flight (cap {max_in_flight}), at most {reducer.writer.max_buffered} rows buffered (flush at {s.flush_rows})"
+    )
+    return verdicts
 
 
 def run(s: Settings) -> list[dict]:
