@@ -286,7 +286,7 @@ def _short(reason: str) -> str:
     """A reason's category for counting: no file, tensor, or numbers."""
     if "]: " in reason:
         reason = reason.split("]: ", 1)[1]
-    return re.sub(r"\d+", "N", reason.split(": ")[0])[:80]
+    return re.sub(r"\b\d+\b", "N", reason.split(": ")[0])[:80]
 
 
 def _top(c: Counter) -> str:

@@ -31,7 +31,8 @@ def free_port() -> int:
 
 
 def env() -> dict:
-    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    # the head, its workers and the job's `python` are this environment's
+    e = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO), "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     e.pop("RAY_ADDRESS", None)
     return e
 
