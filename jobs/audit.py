@@ -63,7 +63,9 @@ def execute(plan: AuditPlan, s: Settings) -> list[dict]:
     slots = int(res.get("GPU", 0) // c.gpus_per_task) if c.gpus_per_task else int(res.get("CPU", 1) // max(c.cpus_per_task, 1e-9))
     slots = max(1, min(slots, len(plan.units) or 1))
     max_in_flight = c.max_in_flight or 2 * slots
-    pool = Dispatcher(c.cpus_per_task, c.gpus_per_task, s.chunk_bytes, plan.model_set.base, n_actors=slots)
+    pool = Dispatcher(
+        c.cpus_per_task, c.gpus_per_task, s.chunk_bytes, plan.model_set.base, n_actors=slots, sample_fraction=s.sample_fraction
+    )
     if pool.actors:
         info = pool.describe()
         say(
@@ -108,7 +110,7 @@ def run(s: Settings) -> list[dict]:
         f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}"
     )
     plan = plan_audit(s.model_set, s.unit_bytes, 1, s.max_item_bytes)  # headers only: bad input fails before Ray starts
-    if plan.resume_from(s.output_dir):
+    if plan.resume_from(s.output_dir, sample_fraction=s.sample_fraction):
         say(f"resuming: {len(plan.done)} of {len(plan.groups)} tensors already written in {s.output_dir}")
     for m in plan.suspects + plan.candidates:
         for w in m.warnings:

@@ -28,6 +28,7 @@ class Settings:
     model_set: ModelSet
     output_dir: Path
     chunk_bytes: int
+    sample_fraction: float
     unit_bytes: int
     max_item_bytes: int
     flush_rows: int
@@ -47,10 +48,13 @@ class Settings:
         ):
             if not isinstance(val, (int, float)) or val <= 0:
                 raise LineageError(f"config: {key} must be a positive number, got {val!r}")
+        if not isinstance(fit["sample_fraction"], (int, float)) or not 0 < fit["sample_fraction"] <= 1:
+            raise LineageError(f"config: fit.sample_fraction must be in (0, 1], got {fit['sample_fraction']!r}")
         return cls(
             model_set=ms,
             output_dir=Path(d["output_dir"]).expanduser().absolute(),
             chunk_bytes=int(fit["chunk_mb"] * MB),
+            sample_fraction=float(fit["sample_fraction"]),
             unit_bytes=int(plan["unit_mb"] * MB),
             max_item_bytes=int(plan["max_item_mb"] * MB),
             flush_rows=int(write["flush_rows"]),

@@ -29,9 +29,9 @@ def pick_device(want_gpu: bool) -> str:
     return "cpu"
 
 
-def fit_unit(unit: Unit, chunk_bytes: int, base: str | None) -> list[ItemResult]:
+def fit_unit(unit: Unit, chunk_bytes: int, base: str | None, sample_fraction: float) -> list[ItemResult]:
     """The CPU task body."""
-    return run_unit(unit, chunk_bytes, base, "cpu")
+    return run_unit(unit, chunk_bytes, base, "cpu", sample_fraction)
 
 
 class FitActor:
@@ -43,15 +43,17 @@ class FitActor:
     def info(self) -> dict:
         return {"device": self.device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
-    def fit(self, unit: Unit, chunk_bytes: int, base: str | None) -> list[ItemResult]:
-        return run_unit(unit, chunk_bytes, base, self.device)
+    def fit(self, unit: Unit, chunk_bytes: int, base: str | None, sample_fraction: float) -> list[ItemResult]:
+        return run_unit(unit, chunk_bytes, base, self.device, sample_fraction)
 
 
 class Dispatcher:
     """`submit(unit) -> ObjectRef` over tasks or an actor pool, same interface."""
 
-    def __init__(self, cpus: float, gpus: float, chunk_bytes: int, base: str | None, n_actors: int = 0) -> None:
-        self.chunk_bytes, self.base = chunk_bytes, base
+    def __init__(
+        self, cpus: float, gpus: float, chunk_bytes: int, base: str | None, n_actors: int = 0, sample_fraction: float = 1.0
+    ) -> None:
+        self.args = (chunk_bytes, base, sample_fraction)
         self.actors: list = []
         self.load: dict[int, int] = {}
         self.owner: dict = {}
@@ -67,9 +69,9 @@ class Dispatcher:
 
     def submit(self, unit: Unit):
         if not self.actors:
-            return self.task.remote(unit, self.chunk_bytes, self.base)
+            return self.task.remote(unit, *self.args)
         i = min(self.load, key=self.load.__getitem__)
-        ref = self.actors[i].fit.remote(unit, self.chunk_bytes, self.base)
+        ref = self.actors[i].fit.remote(unit, *self.args)
         self.load[i] += 1
         self.owner[ref] = i
         return ref

@@ -64,9 +64,9 @@ class AuditPlan:
         self.seconds += time.perf_counter() - t0
         return self
 
-    def fingerprint(self) -> str:
-        """What decides the results: the models' tensors and the model set."""
-        h = hashlib.sha256()
+    def fingerprint(self, sample_fraction: float = 1.0) -> str:
+        """What decides the results: the models' tensors, the model set, the sampling."""
+        h = hashlib.sha256(f"sample={sample_fraction!r}".encode())
         ms = self.model_set
         h.update(json.dumps([ms.name, [(m.name, m.base) for m in ms.suspects + ms.candidates], sorted(self.failed)]).encode())
         for m in self.suspects + self.candidates:
@@ -76,14 +76,14 @@ class AuditPlan:
                 h.update(f"{name}|{Path(t.path).name}|{t.dtype}|{t.shape}|{t.start}|{t.end}".encode())
         return h.hexdigest()
 
-    def resume_from(self, out_dir: Path) -> int:
+    def resume_from(self, out_dir: Path, sample_fraction: float = 1.0) -> int:
         """Mark the tensors already written under `out_dir` as done; return how many.
 
         Writes the manifest on a fresh directory; refuses one that holds
         another audit.
         """
         path = Path(out_dir) / MANIFEST
-        fp = self.fingerprint()
+        fp = self.fingerprint(sample_fraction)
         if path.exists():
             try:
                 prev = json.loads(path.read_text())
@@ -186,12 +186,14 @@ class Reducer:
         return verdicts
 
 
-def run_local(ms: ModelSet, out_dir: Path, chunk_bytes: int = 64 << 20, unit_bytes: int = 256 << 20) -> list[dict]:
+def run_local(
+    ms: ModelSet, out_dir: Path, chunk_bytes: int = 64 << 20, unit_bytes: int = 256 << 20, sample_fraction: float = 1.0
+) -> list[dict]:
     """The whole audit in this process (no Ray), resuming what `out_dir` holds."""
     plan = plan_audit(ms, unit_bytes)
-    plan.resume_from(Path(out_dir))
+    plan.resume_from(Path(out_dir), sample_fraction)
     plan.pack(unit_bytes)
     red = Reducer(plan, Path(out_dir))
     for u in plan.units:
-        red.add(run_unit(u, chunk_bytes, ms.base), u.uid)
+        red.add(run_unit(u, chunk_bytes, ms.base, sample_fraction=sample_fraction), u.uid)
     return red.finish()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -145,6 +146,7 @@ class Reader:
         self.backoff_s = backoff_s
         self.bytes_read = 0
         self.retried = 0
+        self._pool: ThreadPoolExecutor | None = None
 
     def __enter__(self) -> Reader:
         return self
@@ -153,6 +155,12 @@ class Reader:
         self.close()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._close_files()
+
+    def _close_files(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -161,15 +169,20 @@ class Reader:
         fd = self._fds.get(path)
         if fd is None:
             if len(self._fds) >= self._max_open:
-                self.close()
+                self._close_files()
             fd = os.open(path, os.O_RDONLY)
             self._fds[path] = fd
         return fd
 
     def pread(self, path: str, name: str, offset: int, nbytes: int) -> bytearray:
+        buf = bytearray(nbytes)
+        self.pread_into(path, name, offset, memoryview(buf))
+        return buf
+
+    def pread_into(self, path: str, name: str, offset: int, view: memoryview) -> None:
         for attempt in range(self.retries + 1):
             try:
-                return self._pread(path, name, offset, nbytes)
+                return self._pread(path, name, offset, view)
             except OSError as e:
                 fd = self._fds.pop(path, None)
                 if fd is not None:
@@ -180,9 +193,8 @@ class Reader:
                 time.sleep(self.backoff_s * 4**attempt)
         raise AssertionError("unreachable")
 
-    def _pread(self, path: str, name: str, offset: int, nbytes: int) -> bytearray:
-        buf = bytearray(nbytes)
-        view = memoryview(buf)
+    def _pread(self, path: str, name: str, offset: int, view: memoryview) -> None:
+        nbytes = len(view)
         fd = self._fd(path)
         got = 0
         while got < nbytes:
@@ -191,7 +203,31 @@ class Reader:
                 raise LineageError(f"{path} [{name}]: file ends before byte {offset + nbytes}; truncated?")
             got += n
         self.bytes_read += nbytes
-        return buf
+
+    def prefetcher(self) -> ThreadPoolExecutor:
+        """One background thread that reads ahead while the caller computes."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lineage-read")
+        return self._pool
+
+    def read_raw(self, view: View, a: int, b: int) -> bytearray:
+        """Rows [a, b) of `view` as the stored bytes, undecoded, in one buffer."""
+        itemsize = DTYPES[view.segments[0].dtype].itemsize
+        row_bytes = view.cols * itemsize
+        out = bytearray((b - a) * row_bytes)
+        pos, base = 0, 0
+        for seg in view.segments:
+            lo, hi = max(a, base), min(b, base + seg.rows)
+            if lo < hi:
+                n = (hi - lo) * row_bytes
+                self.pread_into(
+                    seg.path, seg.name, seg.start + (seg.row0 + lo - base) * row_bytes, memoryview(out)[pos : pos + n]
+                )
+                pos += n
+            base += seg.rows
+            if base >= b:
+                break
+        return out
 
     def read(self, view: View, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) of `view` as a float32 (float64 for F64) [b - a, cols] tensor."""

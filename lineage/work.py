@@ -24,17 +24,23 @@ class ItemResult:
     error: str | None
 
 
-def run_unit(unit: Unit, chunk_bytes: int, base: str | None = None, device: str = "cpu") -> list[ItemResult]:
+def run_unit(
+    unit: Unit, chunk_bytes: int, base: str | None = None, device: str = "cpu", sample_fraction: float = 1.0
+) -> list[ItemResult]:
     out = []
     with Reader() as reader:
         for it in unit.items:
-            out.append(run_item(it, reader, chunk_bytes, base, device))
+            out.append(run_item(it, reader, chunk_bytes, base, device, sample_fraction))
     return out
 
 
-def run_item(it: Item, reader: Reader, chunk_bytes: int, base: str | None, device: str = "cpu") -> ItemResult:
+def run_item(
+    it: Item, reader: Reader, chunk_bytes: int, base: str | None, device: str = "cpu", sample_fraction: float = 1.0
+) -> ItemResult:
     try:
-        st = accumulate(it.group, reader, chunk_bytes, (it.row0, it.row1), base=base, device=device)
+        st = accumulate(
+            it.group, reader, chunk_bytes, (it.row0, it.row1), base=base, device=device, sample_fraction=sample_fraction
+        )
         return ItemResult(it.gid, it.part, it.parts, st.to_dict(), None)
     except LineageError as e:
         return ItemResult(it.gid, it.part, it.parts, None, str(e))

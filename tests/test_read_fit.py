@@ -158,3 +158,52 @@ def test_nonfinite_values_are_counted(tmp_path):
     x[3, 3] = float("nan")
     st = _stats(tmp_path, x, [torch.randn(10, 10)])
     assert st.nonfinite == {"suspect": 1}
+
+
+def _group(tmp_path, s, ps):
+    sus = _pair_model(tmp_path, "s", {"w": s})
+    cands = [_pair_model(tmp_path, f"p{i}", {"w": p}) for i, p in enumerate(ps)]
+    return align(sus, cands)[0][0]
+
+
+@pytest.mark.parametrize(
+    "dtypes",
+    [(torch.bfloat16,) * 3, (torch.float32,) * 3, (torch.bfloat16, torch.float16, torch.float32), (torch.bfloat16,) * 5],
+)
+def test_kernel_and_torch_engines_agree(tmp_path, dtypes):
+    """The C kernel (raw BF16 or decoded float32 input) and the torch path give
+    the same statistics to float64 rounding, for 1 to 4 candidates."""
+    from lineage.stats import _kernel
+
+    if _kernel is None:
+        pytest.skip("lineage._kernel not built")
+    base = torch.randn(301, 77)
+    xs = [(base + 0.05 * i * torch.randn(301, 77)).to(dt) for i, dt in enumerate(dtypes)]
+    xs[0][5, 5] = xs[1][5, 5]  # some exact matches
+    g = _group(tmp_path, xs[0], xs[1:])
+    with Reader() as r:
+        a = accumulate(g, r, 1 << 14, engine="kernel")
+        b = accumulate(g, r, 1 << 14, engine="torch")
+    assert a.n == b.n == 301 * 77 and a.exact == b.exact
+    assert torch.allclose(a.gram, b.gram, rtol=1e-11, atol=1e-11 * float(b.gram.abs().max()))
+    assert torch.allclose(a.sums, b.sums, rtol=1e-9, atol=1e-9 * float(b.sums.abs().max()))
+
+
+def test_kernel_counts_nonfinite(tmp_path):
+    x = torch.randn(64, 64).to(torch.bfloat16)
+    x[10, 3] = float("inf")
+    g = _group(tmp_path, x, [torch.randn(64, 64).to(torch.bfloat16), torch.randn(64, 64).to(torch.bfloat16)])
+    with Reader() as r:
+        assert accumulate(g, r, 1 << 20, engine="kernel").nonfinite == {"suspect": 1}
+
+
+def test_sampled_ranges_are_deterministic_and_proportional():
+    from lineage.stats import sample_ranges
+
+    full = sample_ranges(0, 10000, 10, 1.0, "t")
+    assert full == [(0, 10000)]
+    tenth = sample_ranges(0, 10000, 10, 0.1, "t")
+    assert tenth == sample_ranges(0, 10000, 10, 0.1, "t")
+    assert sum(b - a for a, b in tenth) == 1000
+    assert sample_ranges(0, 10000, 10, 0.1, "u") != tenth  # phase depends on the tensor
+    assert sum(b - a for a, b in sample_ranges(0, 5, 10, 0.01, "t")) == 5  # at least one block
