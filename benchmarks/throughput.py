@@ -1,0 +1,257 @@
+"""Throughput of the fit against the read limit and the naive approach.
+
+    python -m benchmarks.throughput [--dir /tmp/lineage-bench] [--layers 2 4]
+
+For each size it builds (once, cached in --dir) a BF16 trio of Qwen-like
+shapes: an embedding [32768, 4096], and per layer attention [4096, 4096] x2,
+[512, 4096] x2 and fused experts gate_up [16, 1024, 4096] / down
+[16, 4096, 512]; base, a fine-tune, and 0.57 fine-tune + 0.43 base. Then,
+with the page cache warm (so every figure is CPU-bound, the worst case for
+the fit), it measures in separate processes:
+
+  (a) read    one plain read pass over the same bytes (pread into a reused buffer)
+  (b) fit     lineage's fit of every tensor on one worker (the C kernel),
+      and (b') the same with the torch engine, the pre-kernel baseline
+  (c) audit   the end-to-end audit on a local Ray (python -m jobs.audit)
+  (d) naive   safetensors load_file of the three models, then torch float64
+              least squares per tensor
+
+and prints GB/s, peak RSS (for (c): the driver and its Ray workers; Ray's
+own daemons separately) and the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parent.parent
+H, E, INTER, V = 4096, 16, 1024, 32768
+
+
+def build(root: Path, layers: int, seed: int = 0) -> Path:
+    if (root / "COMPLETE").exists():
+        return root
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"model.embed_tokens.weight": (V, H)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (H, H),
+            p + "self_attn.k_proj.weight": (512, H),
+            p + "self_attn.v_proj.weight": (512, H),
+            p + "self_attn.o_proj.weight": (H, H),
+            p + "mlp.experts.gate_up_proj": (E, 2 * INTER, H),
+            p + "mlp.experts.down_proj": (E, H, INTER // 2),
+        }
+    models: dict[str, dict[str, torch.Tensor]] = {"base": {}, "tune": {}, "blend": {}}
+    for name, shape in shapes.items():
+        base = torch.randn(shape, generator=g) * 0.02
+        tune = base + 0.002 * torch.randn(shape, generator=g)
+        models["base"][name] = base.to(torch.bfloat16)
+        models["tune"][name] = tune.to(torch.bfloat16)
+        models["blend"][name] = (0.57 * tune + 0.43 * base).to(torch.bfloat16)
+        del base, tune
+    for k, tensors in models.items():
+        (root / k).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(root / k / "model.safetensors"))
+    (root / "COMPLETE").write_text("")
+    return root
+
+
+def status_kb(field: str, pid: str = "self") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def groups_of(root: Path):
+    from lineage.align import align
+    from lineage.source import resolve
+
+    groups, _ = align(resolve("blend", str(root / "blend")), [resolve(n, str(root / n)) for n in ("base", "tune")])
+    return groups
+
+
+def child_read(root: Path) -> dict:
+    """(a): pread every byte the fit reads, once, into one reused buffer."""
+    groups = groups_of(root)
+    buf = bytearray(8 << 20)
+    mv = memoryview(buf)
+    total = 0
+    t = time.perf_counter()
+    for g in groups:
+        for v in [g.view] + [s.view for s in g.paired]:
+            for seg in v.segments:
+                fd = os.open(seg.path, os.O_RDONLY)
+                off, end = seg.start + seg.row0 * seg.cols * 2, seg.start + seg.row1 * seg.cols * 2
+                while off < end:
+                    n = os.preadv(fd, [mv[: min(len(buf), end - off)]], off)
+                    off += n
+                    total += n
+                os.close(fd)
+    return {"seconds": time.perf_counter() - t, "bytes": total, "peak_mb": status_kb("VmHWM") / 1024}
+
+
+def child_fit(root: Path, engine: str, sample: float = 1.0) -> dict:
+    """(b): every tensor's statistics on one worker, as a Ray task runs them."""
+    torch.set_num_threads(1)
+    from lineage.stats import accumulate
+    from lineage.views import Reader
+
+    groups = groups_of(root)
+    t = time.perf_counter()
+    with Reader() as r:
+        for g in groups:
+            accumulate(g, r, 64 << 20, engine=engine, sample_fraction=sample)
+        nbytes = r.bytes_read
+    return {"seconds": time.perf_counter() - t, "bytes": nbytes, "peak_mb": status_kb("VmHWM") / 1024}
+
+
+def child_naive(root: Path) -> dict:
+    """(d): what a user would write: load everything, float64 lstsq per tensor."""
+    from safetensors.torch import load_file
+
+    t = time.perf_counter()
+    s, p0, p1 = (load_file(str(root / k / "model.safetensors")) for k in ("blend", "base", "tune"))
+    weights = {}
+    for name, y in s.items():
+        X = torch.stack([p0[name].double().reshape(-1), p1[name].double().reshape(-1)], dim=1)
+        sol = torch.linalg.lstsq(X, y.double().reshape(-1, 1)).solution
+        weights[name] = sol.flatten().tolist()
+    nbytes = sum(x.numel() * 2 for m in (s, p0, p1) for x in m.values())
+    return {
+        "seconds": time.perf_counter() - t,
+        "bytes": nbytes,
+        "peak_mb": status_kb("VmHWM") / 1024,
+        "w": next(iter(weights.values())),
+    }
+
+
+def tree_rss_mb(root_pid: int) -> tuple[float, float]:
+    """(audit processes, Ray daemons) RSS of a process tree, in MB."""
+    children: dict[int, list[int]] = {}
+    info = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            st = Path(f"/proc/{d}/stat").read_text()
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            rss = status_kb("VmRSS", d) / 1024
+        except OSError:
+            continue
+        ppid = int(st.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+        info[int(d)] = (cmd, rss)
+    audit = daemons = 0.0
+    stack = [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        if pid not in info:
+            continue
+        cmd, rss = info[pid]
+        if pid == root_pid or cmd.startswith("ray::"):
+            audit += rss
+        else:
+            daemons += rss
+    return audit, daemons
+
+
+def run_audit(root: Path, out: Path) -> dict:
+    """(c): python -m jobs.audit on an embedded 2-CPU Ray; RSS sampled every 0.1 s."""
+    conf = out / "conf" / "model_set"
+    conf.mkdir(parents=True, exist_ok=True)
+    (conf / "bench.yaml").write_text(
+        f"name: bench\nsuspects:\n  - {{name: blend, source: {root / 'blend'}}}\n"
+        f"candidates:\n  - {{name: base, source: {root / 'base'}}}\n  - {{name: tune, source: {root / 'tune'}}}\n"
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.audit",
+        "--config-dir",
+        str(out / "conf"),
+        "model_set=bench",
+        f"output_dir={out / 'result'}",
+    ]
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak_audit = peak_daemons = 0.0
+    while p.poll() is None:
+        a, d = tree_rss_mb(p.pid)
+        peak_audit, peak_daemons = max(peak_audit, a), max(peak_daemons, d)
+        time.sleep(0.1)
+    seconds = time.perf_counter() - t
+    log = p.stdout.read() if p.stdout else ""
+    if p.returncode != 0:
+        raise SystemExit(log[-3000:])
+    verdict = json.loads((out / "result" / "verdicts" / "blend.json").read_text())
+    return {
+        "seconds": seconds,
+        "peak_mb": peak_audit,
+        "daemons_mb": peak_daemons,
+        "verdict": verdict["verdict"],
+        "parents": verdict["parents"],
+    }
+
+
+def in_child(what: str, root: Path, *extra: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.throughput", "--child", what, str(root), *extra],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/lineage-bench")
+    ap.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--child", nargs="+")
+    a = ap.parse_args()
+    if a.child:
+        what, root = a.child[0], Path(a.child[1])
+        res = {"read": lambda: child_read(root), "naive": lambda: child_naive(root)}.get(what)
+        print(json.dumps(res() if res else child_fit(root, what, float(a.child[2]) if len(a.child) > 2 else 1.0)))
+        return
+    for layers in a.layers:
+        root = build(Path(a.dir) / f"trio-{layers}L", layers)
+        size = sum((root / k / "model.safetensors").stat().st_size for k in ("base", "tune", "blend"))
+        print(f"\n== trio of {layers} layers: {size / 1e9:.2f} GB on disk ==")
+        in_child("read", root)  # warm the page cache
+        r = {k: in_child(k, root) for k in ("read", "kernel", "torch", "naive")}
+        for f in (0.1, 0.01):
+            r[f"sample {f}"] = in_child("kernel", root, str(f))
+        c = run_audit(root, Path(a.dir) / f"audit-{layers}L")
+        gbs = {k: v["bytes"] / v["seconds"] / 1e9 for k, v in r.items()}
+        for label, k in [("(a) read pass", "read"), ("(b) fit, C kernel", "kernel"), ("(b') fit, torch engine", "torch"),
+                         ("    sampled 10%", "sample 0.1"), ("    sampled 1%", "sample 0.01"), ("(d) naive", "naive")]:  # fmt: skip
+            v = r[k]
+            print(f"{label:<24} {v['seconds']:7.2f} s  {gbs[k]:6.2f} GB/s  peak RSS {v['peak_mb']:7.0f} MB")
+        print(
+            f"{'(c) audit on local Ray':<24} {c['seconds']:7.2f} s  {size / c['seconds'] / 1e9:6.2f} GB/s  peak RSS {c['peak_mb']:7.0f} MB (driver + workers; Ray daemons {c['daemons_mb']:.0f} MB)"
+        )
+        print(f"    verdict {c['verdict']}: " + ", ".join(f"{p['name']} {p['weight']:.4f}" for p in c["parents"]))
+        print(f"ratios: fit/read {gbs['kernel'] / gbs['read']:.2f} (target >= 0.5); torch engine/read {gbs['torch'] / gbs['read']:.2f}; "
+              f"naive/audit time {r['naive']['seconds'] / c['seconds']:.1f}x (target >= 5); audit/naive RSS {c['peak_mb'] / r['naive']['peak_mb']:.2f} (target < 0.25); "
+              f"sampled time 100%:10%:1% = 1:{r['sample 0.1']['seconds'] / r['kernel']['seconds']:.2f}:{r['sample 0.01']['seconds'] / r['kernel']['seconds']:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
