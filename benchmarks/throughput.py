@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -170,6 +171,7 @@ def tree_rss_mb(root_pid: int) -> tuple[float, float]:
 
 def run_audit(root: Path, out: Path) -> dict:
     """(c): python -m jobs.audit on an embedded 2-CPU Ray; RSS sampled every 0.1 s."""
+    shutil.rmtree(out / "result", ignore_errors=True)
     conf = out / "conf" / "model_set"
     conf.mkdir(parents=True, exist_ok=True)
     (conf / "bench.yaml").write_text(

@@ -76,5 +76,7 @@ def plan_units(groups: list[Group | None], unit_bytes: int, min_units: int = 1, 
 def imbalance(units: list[Unit]) -> float:
     """max/mean - 1 of unit bytes: 0.05 means the heaviest is 5% above the mean."""
     loads = [u.nbytes for u in units]
+    if not loads:
+        return 0.0
     mean = sum(loads) / len(loads)
     return max(loads) / mean - 1 if mean else 0.0

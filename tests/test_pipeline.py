@@ -56,6 +56,13 @@ def test_demo_is_the_rio_blend(demo_run):
     }
 
 
+def test_rerun_of_a_finished_audit_recomputes_nothing(demo_run, demo_root, capsys):
+    out, (first,) = demo_run
+    (again,) = run(settings([f"output_dir={out}", f"demo_cache={demo_root.parent}"]))
+    assert "resuming: 55 of 55 tensors" in capsys.readouterr().out
+    assert again == first
+
+
 def test_tensor_rows_read_back_with_duckdb(demo_run):
     out, _ = demo_run
     con = duckdb.connect()
