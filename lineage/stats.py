@@ -156,14 +156,14 @@ def accumulate(
     """Stream rows `rows` (default all) of every side of `group` into Stats.
 
     `sample_fraction` < 1 reads only an evenly spaced, deterministic subset
-    of row blocks (each about 64 KiB of the suspect), by byte range.
+    of row blocks (each about 128K elements, 256 KiB of BF16), by byte range.
     `engine`: "kernel" (lineage._kernel, CPU only), "torch", or "auto" (the
     kernel where it applies). On `device="cuda"` the torch float64
     arithmetic runs on the GPU (float64 keeps TF32 out of the picture).
     """
     assert group.view is not None
     a, b = rows if rows is not None else (0, group.view.rows)
-    ranges = sample_ranges(a, b, max(1, 16384 // group.view.cols), sample_fraction, group.tensor)
+    ranges = sample_ranges(a, b, max(1, 131072 // group.view.cols), sample_fraction, group.tensor)
     order = column_order(group, base)
     views = [group.view] + [next(s.view for s in group.paired if s.candidate == c) for c in order]
     use_kernel = engine == "kernel" or (engine == "auto" and device == "cpu" and kernel_applies(views))

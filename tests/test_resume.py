@@ -105,3 +105,21 @@ def test_killed_driver_resumes(demo_root, tmp_path):
     full = tmp_path / "full"
     run_local(demo_set(demo_root), full, chunk_bytes=int(chunk_mb * (1 << 20)))
     assert dataset(out) == dataset(full)
+
+
+def test_sampled_audit_same_verdict_wider_intervals(demo_root, tmp_path):
+    """fit.sample_fraction: same class and weights within 0.01 of the full audit;
+    per-tensor standard errors grow as fewer elements are read."""
+    (full,) = run_local(demo_set(demo_root), tmp_path / "full")
+    (part,) = run_local(demo_set(demo_root), tmp_path / "part", sample_fraction=0.1)
+    assert part["verdict"] == full["verdict"] == "blend"
+    for pf, pp in zip(full["parents"], part["parents"]):
+        assert pf["name"] == pp["name"] and abs(pf["weight"] - pp["weight"]) < 0.01
+        assert pp["ci95"][1] - pp["ci95"][0] >= pf["ci95"][1] - pf["ci95"][0]
+    assert part["coverage"]["bytes_compared"] < 0.5 * full["coverage"]["bytes_compared"]
+    q = "select tensor, elements, b.se from (select tensor, elements, unnest(blend) as b from read_parquet('{}/tensors/**/*.parquet') where component = 'expert') where b.candidate = 'nex-mini' order by tensor"
+    con = duckdb.connect()
+    for (t, nf, sef), (_, np_, sep) in zip(
+        con.execute(q.format(tmp_path / "full")).fetchall(), con.execute(q.format(tmp_path / "part")).fetchall()
+    ):
+        assert np_ < nf and sep > sef, t
