@@ -83,7 +83,9 @@ def parse_header_bytes(raw: bytes, path: str, file_size: int) -> Header:
     except UnicodeDecodeError as e:
         raise LineageError(f"{path}: header is not valid UTF-8 (byte {e.start})") from None
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _Duplicate as e:
+        raise LineageError(f"{path} [{e.args[0]}]: tensor listed twice in the header") from None
     except json.JSONDecodeError as e:
         raise LineageError(f"{path}: header is not valid JSON ({e.msg} at {e.pos})") from None
     except RecursionError:
@@ -101,6 +103,21 @@ def parse_header_bytes(raw: bytes, path: str, file_size: int) -> Header:
         tensors[name] = _entry(path, name, spec, data_start, data_size)
     _check_overlaps(path, tensors)
     return Header(path, file_size, data_start, tensors, metadata)
+
+
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object that names a key twice is refused: `json` would keep the
+    last silently, and a reader that keeps the first would see other bytes."""
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _Duplicate(k)
+        out[k] = v
+    return out
 
 
 def _entry(path: str, name: str, spec: object, data_start: int, data_size: int) -> TensorEntry:

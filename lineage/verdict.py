@@ -34,7 +34,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from lineage.dtypes import rounding_tolerance
-from lineage.fit import Forms, blend
+from lineage.fit import Blend, Forms, blend
 from lineage.rows import stats_of
 
 SCHEMA_VERSION = 1
@@ -164,6 +164,7 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
     closest = max(names, key=lambda n: per[n]["median_corr"] if per[n]["median_corr"] is not None else -2.0)
 
     def doc(verdict: str, parents: list[dict], explanation: str, **extra) -> dict:
+        comps, layers = _components(rows, parents, names, declared if declared in reps else None)
         d = {
             "schema_version": SCHEMA_VERSION,
             "suspect": suspect,
@@ -171,10 +172,12 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
             "parents": parents,
             "closest": closest,
             "coverage": coverage,
-            "components": _components(rows, parents, names, declared if declared in reps else None),
+            "components": comps,
             "evidence": evidence,
             "explanation": explanation,
         }
+        if layers:
+            d["layers"] = layers
         if groups:
             d["aliases"] = {k: v for k, v in groups.items()}
         d.update(extra)
@@ -334,13 +337,37 @@ def _blend_fit(rows: list[dict], use: list[str], base: str | None) -> dict:
     }
 
 
-def _components(rows: list[dict], parents: list[dict], names: list[str], base: str | None) -> dict:
-    """Per component: tensor counts, median correlation per candidate, blend weights."""
+def _refits(rows: list[dict], use: list[str], base: str | None) -> list[tuple[dict, Blend]]:
+    """(row, blend over `use`) for every compared row that holds all of `use`."""
+    out = []
+    for r in rows:
+        if r["status"] != "ok" or not set(use) <= set(r["stats_order"]):
+            continue
+        b = blend(stats_of(r), use=use, base=base)
+        if b is not None and all(b.weights[n] is not None for n in use):
+            out.append((r, b))
+    return out
+
+
+def _weights_of(fits: list[tuple[dict, Blend]], use: list[str]) -> dict:
+    """Numel-weighted mean and spread of each candidate's weight over `fits`."""
+    out = {}
+    for n in use:
+        vals = [(b.weights[n], b.se[n], float(r["numel"])) for r, b in fits]
+        if vals:
+            out[n] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in _weighted(vals).items() if k != "ci95"}
+    return out
+
+
+def _components(rows: list[dict], parents: list[dict], names: list[str], base: str | None) -> tuple[dict, dict]:
+    """Per component: tensor counts, median correlation per candidate, blend
+    weights; and per layer of the main stack, blend weights over its matrices."""
+    use = [p["name"] for p in parents]
+    fits = _refits(rows, use, base) if len(use) >= 2 else []
     by: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by[r["component"]].append(r)
-    use = [p["name"] for p in parents]
-    out = {}
+    comps = {}
     for comp, rs in sorted(by.items()):
         ok = [r for r in rs if r["status"] == "ok"]
         d: dict = {"tensors": len(rs), "tensors_compared": len(ok)}
@@ -350,20 +377,11 @@ def _components(rows: list[dict], parents: list[dict], names: list[str], base: s
             if cs:
                 corr[n] = _median(cs)
         d["median_corr"] = corr
-        if len(use) >= 2:
-            per_w: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
-            for r in ok:
-                if not set(use) <= set(r["stats_order"]):
-                    continue
-                b = blend(stats_of(r), use=use, base=base)
-                if b is None or any(b.weights[n] is None for n in use):
-                    continue
-                for n in use:
-                    per_w[n].append((b.weights[n], b.se[n], float(r["numel"])))
-            d["weights"] = {
-                n: {k: (round(v, 6) if isinstance(v, float) else v) for k, v in _weighted(v).items() if k != "ci95"}
-                for n, v in per_w.items()
-                if v
-            }
-        out[comp] = d
-    return out
+        if fits:
+            d["weights"] = _weights_of([(r, b) for r, b in fits if r["component"] == comp], use)
+        comps[comp] = d
+    layers: dict[str, dict] = {}
+    for layer in sorted({r["layer"] for r, _ in fits if r["layer"] is not None and r["ndim"] >= 2}):
+        w = _weights_of([(r, b) for r, b in fits if r["layer"] == layer and r["ndim"] >= 2], use)
+        layers[str(layer)] = {n: v["mean"] for n, v in w.items()}
+    return comps, layers

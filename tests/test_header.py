@@ -52,6 +52,13 @@ def test_hostile_entries(tmp_path, header, data, message):
     assert "\n" not in str(e.value)
 
 
+def test_tensor_listed_twice(tmp_path):
+    raw = b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}'
+    p = raw_safetensors(tmp_path / "d.safetensors", None, b"\0" * 8, header_bytes=raw)
+    with pytest.raises(LineageError, match=r"d.safetensors \[w\]: tensor listed twice in the header"):
+        read_header(p)
+
+
 def test_overlapping_tensors(tmp_path):
     h = {
         "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},

@@ -46,6 +46,8 @@ def test_demo_is_the_rio_blend(demo_run):
         assert lo < p["weight"] < hi and hi - lo < 0.01
     assert v["closest"] == "nex-mini"
     assert v["components"]["expert"]["weights"]["nex-mini"]["mean"] == pytest.approx(0.57, abs=0.01)
+    assert sorted(v["layers"]) == ["0", "1", "2", "3"]
+    assert all(abs(w["nex-mini"] - 0.57) < 0.01 for w in v["layers"].values())
     on_disk = json.loads((out / "verdicts" / "rio-mini.json").read_text())
     assert on_disk == json.loads(json.dumps(v))
     assert on_disk["schema_version"] == 1 and set(on_disk["coverage"]) >= {
