@@ -239,16 +239,32 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
                 if groups.get(n):
                     p["aliases"] = groups[n]
                 parents.append(p)
-            desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
             ev = fit["evidence"]
+            # A candidate with a clearly negative weight is the base of a task
+            # arithmetic merge: s = b + sum l_i (p_i - b), so w_b = 1 - sum l_i < 0.
+            negative = [n for n, w in fit["weights"].items() if w["mean"] <= -MIN_WEIGHT and w["ci95"][1] < 0]
+            intervals = ", ".join(f"{p['name']} [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]" for p in parents)
+            tail = (
+                f" Fitted relative to a common base over {ev['matrices']} matrices, the blend leaves "
+                f"{ev['median_gain']:.0%} of the best single parent's residual (median cos_fit "
+                f"{ev['median_cos_fit']:.3f}), and the weights agree across tensors."
+            )
+            if len(negative) == 1:
+                b = negative[0]
+                desc = f"{b} + " + " + ".join(f"{p['weight']:.3f} x ({p['name']} - {b})" for p in parents)
+                return doc(
+                    "blend",
+                    parents,
+                    f"{suspect} is a task-arithmetic merge on base {b}: {desc} (95% intervals {intervals}; "
+                    f"{b}'s own weight is {fit['weights'][b]['mean']:.3f})." + tail,
+                    method="task_arithmetic",
+                    base=b,
+                )
+            desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
             return doc(
                 "blend",
                 parents,
-                f"{suspect} is a linear blend: {desc} (95% intervals "
-                + ", ".join(f"{p['name']} [{p['ci95'][0]:.4f}, {p['ci95'][1]:.4f}]" for p in parents)
-                + f"). Fitted relative to a common base over {ev['matrices']} matrices, the blend leaves "
-                f"{ev['median_gain']:.0%} of the best single parent's residual (median cos_fit "
-                f"{ev['median_cos_fit']:.3f}), and the weights agree across tensors.",
+                f"{suspect} is a linear blend: {desc} (95% intervals {intervals})." + tail,
                 method="linear",
                 base=fit["base"],
             )

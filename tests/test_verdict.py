@@ -79,3 +79,18 @@ def test_demo_builds_deterministically(tmp_path):
     a, b = ensure(tmp_path / "a"), ensure(tmp_path / "b")
     for f in sorted(p.relative_to(a) for p in a.rglob("*.safetensors")):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_task_arithmetic_names_its_base(tmp_path):
+    """s = base + 0.7 (ft1 - base) + 0.5 (ft2 - base): a blend whose base weight is -0.2."""
+    base, ft1, ft2, _ = family(3)
+    ta = {k: (base[k] + 0.7 * (ft1[k] - base[k]) + 0.5 * (ft2[k] - base[k])).to(torch.bfloat16) for k in base}
+    for name, m in (("base", base), ("ft1", ft1), ("ft2", ft2), ("ta", ta)):
+        write_model(tmp_path / name, m)
+    ms = ModelSet.from_dict(
+        modelset({"ta": tmp_path / "ta"}, {"base": tmp_path / "base", "ft1": tmp_path / "ft1", "ft2": tmp_path / "ft2"})
+    )
+    (v,) = run_local(ms, tmp_path / "out")
+    assert (v["verdict"], v["method"], v["base"]) == ("blend", "task_arithmetic", "base")
+    w = {p["name"]: p["weight"] for p in v["parents"]}
+    assert abs(w["ft1"] - 0.7) < 0.02 and abs(w["ft2"] - 0.5) < 0.02 and set(w) == {"ft1", "ft2"}
