@@ -212,6 +212,12 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     add("linear 0.6/0.4 (torch)", save(root / "lin", lin), fam, "blend", {"ft1": 0.6, "ft2": 0.4})
     ta = {k: (base[k] + 0.7 * (ft1[k] - base[k]) + 0.5 * (ft2[k] - base[k])).to(torch.bfloat16) for k in base}
     add("task arithmetic 0.7/0.5 (torch)", save(root / "ta", ta), fam, "blend", {"ft1": 0.7, "ft2": 0.5}, base="base")
+    gd = torch.Generator().manual_seed(21)
+    dare = {}
+    for k in base:  # DARE: drop half of each delta at random, rescale the rest by 2, average
+        kept = [(torch.rand(base[k].shape, generator=gd) < 0.5).float() * 2 * (f[k] - base[k]) for f in (ft1, ft2)]
+        dare[k] = (base[k] + 0.5 * kept[0] + 0.5 * kept[1]).to(torch.bfloat16)
+    add("dare 0.5/0.5 density 0.5 (torch)", save(root / "dare", dare), fam, "blend")
     mk = {
         "linear": (
             "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.3}}\n  - model: {ft2}\n    parameters: {{weight: 0.7}}\ndtype: bfloat16\n",
@@ -272,7 +278,10 @@ def main() -> None:
             errors.append(err)
         note = f"weight error {err:.3f}" if err is not None else ""
         if got == "blend":
-            note += f" method {v.get('method')} base {v.get('base')} weights " + ", ".join(f"{n} {x:.3f}" for n, x in w.items())
+            note += (
+                f" method {v.get('method')}{'/' + v['merge_family'] if v.get('merge_family') else ''} base {v.get('base')} weights "
+                + ", ".join(f"{n} {x:.3f}" for n, x in w.items())
+            )
         flag = "" if got == c["expect"] else "  <-- WRONG"
         if flag:
             wrong.append(c["name"])

@@ -6,7 +6,10 @@
  *
  *     y = [ r, p_1 - r, ..., p_{k-1} - r, s - r ]       (r = p_0)
  *
- * and counts, per candidate, the elements equal to the suspect. This is
+ * and counts, per candidate, the elements equal to the suspect and those
+ * within a relative tolerance tol_j of it (|s - p_j| <= tol_j |p_j|: equal
+ * up to storage rounding, the mark sparse merges such as TIES and DARE
+ * leave where a delta was dropped). This is
  * what lineage/stats.py computes with torch; doing it here reads each byte
  * once and keeps every intermediate in registers, so the fit runs at a good
  * fraction of the speed of reading the file instead of a tenth of it.
@@ -19,13 +22,15 @@
  * CPU, the thread count or the vector width.
  *
  * Entry points (all buffers C-contiguous, n elements each):
- *   accumulate_bf16(gram, sums, exact, s, (p_0, ...))   uint16 BF16 bits
- *   accumulate_f32 (gram, sums, exact, s, (p_0, ...))   float32
- * gram: writable float64[m*m], sums: writable float64[m],
- * exact: writable int64[k]; all are added to, not overwritten.
+ *   accumulate_bf16(gram, sums, counts, tols, s, (p_0, ...))   uint16 BF16 bits
+ *   accumulate_f32 (gram, sums, counts, tols, s, (p_0, ...))   float32
+ * gram: writable float64[m*m], sums: writable float64[m], counts: writable
+ * int64[2k] (k exact counts, then k near counts), tols: float64[k]; the
+ * outputs are added to, not overwritten.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -73,6 +78,20 @@ static inline double lane_sum(const double *acc) {
             exact[j] += eq;                                                      \
         }                                                                        \
         for (Py_ssize_t i = 0; i < len; i++) y[k][i] = (double)sfb[i] - y[0][i]; \
+        {                                                                        \
+            int64_t nr = 0;                                                      \
+            double tau = tols[0];                                                \
+            for (Py_ssize_t i = 0; i < len; i++)                                 \
+                nr += fabs(y[k][i]) <= tau * fabs(y[0][i]);                      \
+            exact[k] += nr;                                                      \
+        }                                                                        \
+        for (int j = 1; j < k; j++) {                                            \
+            int64_t nr = 0;                                                      \
+            double tau = tols[j];                                                \
+            for (Py_ssize_t i = 0; i < len; i++)                                 \
+                nr += fabs(y[k][i] - y[j][i]) <= tau * fabs(y[0][i] + y[j][i]);  \
+            exact[k + j] += nr;                                                  \
+        }                                                                        \
         for (Py_ssize_t i = len; i < ((len + LANES - 1) / LANES) * LANES; i++)   \
             for (int j = 0; j <= k; j++) y[j][i] = 0.0;                          \
         Py_ssize_t lanes_len = ((len + LANES - 1) / LANES) * LANES;              \
@@ -106,24 +125,24 @@ static inline double lane_sum(const double *acc) {
 #endif
 
 MULTIVERSION
-static void kernel_bf16(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact) {
+static void kernel_bf16(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact, const double *tols) {
     int m = k + 1;
     KERNEL_BODY(LOAD_BF16)
 }
 
 MULTIVERSION
-static void kernel_f32(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact) {
+static void kernel_f32(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact, const double *tols) {
     int m = k + 1;
     KERNEL_BODY(LOAD_F32)
 }
 
-typedef void (*kernel_fn)(Py_ssize_t, int, const void *, const void **, double *, double *, int64_t *);
+typedef void (*kernel_fn)(Py_ssize_t, int, const void *, const void **, double *, double *, int64_t *, const double *);
 
 static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
-    Py_buffer g = {0}, sm = {0}, ex = {0}, sb = {0}, pb[MAXC];
+    Py_buffer g = {0}, sm = {0}, ex = {0}, tl = {0}, sb = {0}, pb[MAXC];
     PyObject *cands;
     int k = 0, ok = 0;
-    if (!PyArg_ParseTuple(args, "w*w*w*y*O!", &g, &sm, &ex, &sb, &PyTuple_Type, &cands)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*w*w*y*y*O!", &g, &sm, &ex, &tl, &sb, &PyTuple_Type, &cands)) return NULL;
     k = (int)PyTuple_GET_SIZE(cands);
     int got = 0;
     if (k < 1 || k > MAXC) {
@@ -132,7 +151,8 @@ static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
     }
     Py_ssize_t n = sb.len / itemsize;
     if (sb.len % itemsize || g.len != (Py_ssize_t)sizeof(double) * (k + 1) * (k + 1) ||
-        sm.len != (Py_ssize_t)sizeof(double) * (k + 1) || ex.len != (Py_ssize_t)sizeof(int64_t) * k) {
+        sm.len != (Py_ssize_t)sizeof(double) * (k + 1) || ex.len != (Py_ssize_t)sizeof(int64_t) * 2 * k ||
+        tl.len != (Py_ssize_t)sizeof(double) * k) {
         PyErr_SetString(PyExc_ValueError, "output buffers do not match the number of candidates");
         goto done;
     }
@@ -147,7 +167,7 @@ static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
         pp[got] = pb[got].buf;
     }
     Py_BEGIN_ALLOW_THREADS
-    fn(n, k, sb.buf, pp, (double *)g.buf, (double *)sm.buf, (int64_t *)ex.buf);
+    fn(n, k, sb.buf, pp, (double *)g.buf, (double *)sm.buf, (int64_t *)ex.buf, (const double *)tl.buf);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -155,6 +175,7 @@ done:
     PyBuffer_Release(&g);
     PyBuffer_Release(&sm);
     PyBuffer_Release(&ex);
+    PyBuffer_Release(&tl);
     PyBuffer_Release(&sb);
     if (!ok) return NULL;
     Py_RETURN_NONE;

@@ -29,6 +29,7 @@ CANDIDATE = pa.struct(
         ("corr", pa.float64()),
         ("rel_dist", pa.float64()),
         ("exact_frac", pa.float64()),
+        ("near_frac", pa.float64()),
         ("z", pa.float64()),
         ("rounding_tol", pa.float64()),
     ]
@@ -60,6 +61,7 @@ SCHEMA = pa.schema(
         ("stats_gram", pa.list_(pa.float64())),
         ("stats_sums", pa.list_(pa.float64())),
         ("stats_exact", pa.list_(pa.int64())),
+        ("stats_near", pa.list_(pa.int64())),
         ("unit", pa.int64()),
     ]
 )
@@ -98,6 +100,7 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
         "stats_gram": [],
         "stats_sums": [],
         "stats_exact": [],
+        "stats_near": [],
         "unit": unit,
     }
     if error is None and stats is not None and stats.nonfinite:
@@ -115,6 +118,7 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
             stats_gram=stats.gram.flatten().tolist(),
             stats_sums=stats.sums.tolist(),
             stats_exact=stats.exact,
+            stats_near=stats.near,
         )
         b = blend(stats, base=base)
         if b is not None:
@@ -143,6 +147,7 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
                 "corr": _finite(sg.corr) if sg else None,
                 "rel_dist": _finite(sg.rel_dist) if sg else None,
                 "exact_frac": sg.exact_frac if sg else None,
+                "near_frac": stats.near[stats.order.index(name)] / stats.n if sg and stats is not None and stats.n else None,
                 "z": _finite(sg.z) if sg else None,
                 "rounding_tol": rounding_tolerance(group.dtype, cdtype) if cdtype and cdtype != "mixed" else None,
             }
@@ -161,5 +166,6 @@ def stats_of(row: dict) -> Stats | None:
             "gram": row["stats_gram"],
             "sums": row["stats_sums"],
             "exact": row["stats_exact"],
+            "near": row.get("stats_near") or [],
         }
     )

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from lineage.align import Group
+from lineage.dtypes import rounding_tolerance
 from lineage.views import Reader
 
 try:  # the compiled inner loop; the torch path below computes the same numbers
@@ -50,6 +51,7 @@ class Stats:
     gram: torch.Tensor = field(default=None)  # type: ignore[assignment]
     sums: torch.Tensor = field(default=None)  # type: ignore[assignment]
     exact: list[int] = field(default_factory=list)
+    near: list[int] = field(default_factory=list)  # within storage rounding of the suspect
     nonfinite: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
 
@@ -61,6 +63,8 @@ class Stats:
             self.sums = torch.zeros(m, dtype=torch.float64)
         if not self.exact:
             self.exact = [0] * len(self.order)
+        if not self.near:
+            self.near = [0] * len(self.order)
 
     def merge(self, other: Stats) -> Stats:
         """Add the stats of another row range of the same comparison."""
@@ -70,6 +74,7 @@ class Stats:
         self.gram += other.gram
         self.sums += other.sums
         self.exact = [a + b for a, b in zip(self.exact, other.exact)]
+        self.near = [a + b for a, b in zip(self.near, other.near)]
         for k, v in other.nonfinite.items():
             self.nonfinite[k] = self.nonfinite.get(k, 0) + v
         self.bytes_read += other.bytes_read
@@ -82,6 +87,7 @@ class Stats:
             "gram": self.gram.flatten().tolist(),
             "sums": self.sums.tolist(),
             "exact": list(self.exact),
+            "near": list(self.near),
             "nonfinite": dict(self.nonfinite),
             "bytes_read": self.bytes_read,
         }
@@ -95,6 +101,7 @@ class Stats:
             gram=torch.tensor(d["gram"], dtype=torch.float64).reshape(m, m),
             sums=torch.tensor(d["sums"], dtype=torch.float64),
             exact=[int(x) for x in d["exact"]],
+            near=[int(x) for x in d.get("near") or []],
             nonfinite=dict(d.get("nonfinite") or {}),
             bytes_read=int(d.get("bytes_read", 0)),
         )
@@ -191,6 +198,7 @@ def _accumulate_torch(
     group: Group, views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str
 ) -> Stats:
     st = Stats(order)
+    tols = near_tolerances(views)
     m = len(order) + 1
     for r0, r1 in chunks(ranges, rows_per_chunk(group, chunk_bytes)):
         s, *ps = [reader.read(v, r0, r1).reshape(-1).to(device) for v in views]
@@ -198,6 +206,8 @@ def _accumulate_torch(
             continue
         for i, p in enumerate(ps):
             st.exact[i] += int((s == p).sum())
+            d = s.to(torch.float64) - p.to(torch.float64)
+            st.near[i] += int((d.abs() <= tols[i] * p.to(torch.float64).abs()).sum())
         y = torch.empty(s.numel(), m, dtype=torch.float64, device=device)
         ref = ps[0].to(torch.float64)
         y[:, 0] = ref
@@ -213,6 +223,12 @@ def _accumulate_torch(
 #: Bytes of raw input per kernel call, all sides together: small enough to
 #: stay in cache between the read that fills it and the kernel that uses it.
 KERNEL_CHUNK = 2 << 20
+
+
+def near_tolerances(views: list) -> list[float]:
+    """Per candidate, the relative distance that storage rounding explains."""
+    s = views[0].dtype
+    return [rounding_tolerance(s, v.dtype) if "mixed" not in (s, v.dtype) else 2.0**-4 for v in views[1:]]
 
 
 def kernel_applies(views: list) -> bool:
@@ -244,23 +260,25 @@ def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_byte
 
     gram = np.zeros((k + 1, k + 1))
     sums = np.zeros(k + 1)
-    exact = np.zeros(k, dtype=np.int64)
+    counts = np.zeros(2 * k, dtype=np.int64)
+    tols = np.array(near_tolerances(views), dtype=np.float64)
     pool = reader.prefetcher()
     nxt = pool.submit(load, work[0]) if work else None
     for i in range(len(work)):
         xs = nxt.result()  # type: ignore[union-attr]
         nxt = pool.submit(load, work[i + 1]) if i + 1 < len(work) else None
-        g, sm, ex = np.zeros_like(gram), np.zeros_like(sums), np.zeros_like(exact)
-        fn(g, sm, ex, xs[0], tuple(xs[1:]))
+        g, sm, ex = np.zeros_like(gram), np.zeros_like(sums), np.zeros_like(counts)
+        fn(g, sm, ex, tols, xs[0], tuple(xs[1:]))
         if not (np.isfinite(g).all() and np.isfinite(sm).all()):
             ts = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if raw else torch.from_numpy(x) for x in xs]
             _count_nonfinite(st, order, ts)
             continue
         gram += g
         sums += sm
-        exact += ex
+        counts += ex
         st.n += xs[0].size
     st.gram = torch.from_numpy(gram)
     st.sums = torch.from_numpy(sums)
-    st.exact = [int(e) for e in exact]
+    st.exact = [int(e) for e in counts[:k]]
+    st.near = [int(e) for e in counts[k:]]
     return st

@@ -12,9 +12,15 @@
 - `blend`: at least two related candidates (aliases collapsed) whose affine
   weights are each >= 0.05 with a 95% interval above 0, consistent across
   tensors (weighted SD <= 0.15), and the blend's residual is at most 0.7 of
-  the best single parent's (median over matrices). Two fine-tunes of one
-  base have correlated deltas, so their blend fits a little better than
-  either; it does not fit 30% better, and its weights are not consistent.
+  the best single parent's (median over matrices); at most 0.9 for a
+  sparsified merge (TIES/DARE), recognised because the suspect coincides,
+  within storage rounding, with the base and with each parent on >= 15% of
+  elements (reported as `method: unknown`, `merge_family: ties/dare`).
+  Two fine-tunes of one base have correlated deltas, so their blend fits a
+  little better than either; it does not fit 30% better, and the sibling's
+  weight is small.
+- A blend whose remaining candidate has a clearly negative weight is task
+  arithmetic on that base (`method: task_arithmetic`, `base`).
 - `derived`: otherwise, the closest related candidate (highest median
   correlation).
 - `unrelated`: no candidate related and no more than 5% of matrices
@@ -46,6 +52,8 @@ MIN_COVERAGE = 0.5
 BLEND_GAIN = 0.7
 MIN_WEIGHT = 0.05
 MAX_SPREAD = 0.15
+SPARSE_NEAR = 0.15  # median fraction of elements within rounding of a parent
+SPARSE_GAIN = 0.9
 NULL = "centered correlation of unrelated tensors of n elements: 0 +- 1/sqrt(n); z = corr * sqrt(n)"
 
 
@@ -145,6 +153,7 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
             "coverage": round(cov, 6),
             "median_corr": _median([c["corr"] for _, c in mats]),
             "median_rel_dist": _median([c["rel_dist"] for _, c in es]),
+            "median_near_frac": _median([c.get("near_frac") for _, c in mats]),
             "median_z": _median(zs),
             "frac_significant": (sum(z >= Z_SIG for z in zs) / len(zs)) if zs else 0.0,
             "stouffer_z": (sum(zs) / math.sqrt(len(zs))) if zs else None,
@@ -223,7 +232,9 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
         )
 
     if len(related) >= 2:
-        fit = _blend_fit(rows, related, declared if declared in related else None)
+        fit = _blend_fit(
+            rows, related, declared if declared in related else None, {n: per[n]["median_near_frac"] for n in related}
+        )
         evidence["blend"] = fit["evidence"]
         if fit["is_blend"]:
             parents = []
@@ -249,6 +260,23 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
                 f"{ev['median_gain']:.0%} of the best single parent's residual (median cos_fit "
                 f"{ev['median_cos_fit']:.3f}), and the weights agree across tensors."
             )
+            if ev["sparse"]:
+                rest = [n for n in related if n not in fit["material"]]
+                b = declared if declared in rest else (rest[0] if len(rest) == 1 else fit["base"])
+                desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
+                return doc(
+                    "blend",
+                    parents,
+                    f"{suspect} is a sparsified merge (TIES/DARE family) of {', '.join(p['name'] for p in parents)} on base {b}: "
+                    f"it coincides with each of them, within storage rounding, on "
+                    + ", ".join(f"{n} {fit['evidence']['median_near_frac'][n]:.0%}" for n in [b, *[p["name"] for p in parents]])
+                    + f" of elements, as dropped and kept deltas leave it. Its linear fit, {desc} (95% intervals {intervals}), "
+                    f"leaves {ev['median_gain']:.0%} of the best single parent's residual; the weights agree across tensors "
+                    "but are the linear projection of the merge, not its recipe.",
+                    method="unknown",
+                    merge_family="ties/dare",
+                    base=b,
+                )
             if len(negative) == 1:
                 b = negative[0]
                 desc = f"{b} + " + " + ".join(f"{p['weight']:.3f} x ({p['name']} - {b})" for p in parents)
@@ -312,8 +340,17 @@ def _top(c: Counter) -> str:
     return ", ".join(f"{k} x{v}" for k, v in c.most_common(3))
 
 
-def _blend_fit(rows: list[dict], use: list[str], base: str | None) -> dict:
-    """Refit the affine blend over `use` on every matrix; aggregate weights and gain."""
+def _blend_fit(rows: list[dict], use: list[str], base: str | None, near: dict[str, float | None]) -> dict:
+    """Refit the affine blend over `use` on every matrix; aggregate weights and gain.
+
+    `near`: per candidate, the median fraction of elements the suspect holds
+    within storage rounding of it. Sparse merges (TIES, DARE) take each
+    element from one parent (a dropped delta leaves the base's value, a kept
+    one the fine-tune's), so the suspect coincides with the base and with
+    every parent on a large fraction of elements, where a dense blend
+    coincides with none; their linear fit explains less (the drop pattern is
+    noise to it), so they are accepted at a weaker gain.
+    """
     per_w: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     gains, cosf = [], []
     bases: Counter = Counter()
@@ -335,14 +372,25 @@ def _blend_fit(rows: list[dict], use: list[str], base: str | None) -> dict:
     gain = _median(gains)
     material = [n for n, w in weights.items() if w["mean"] >= MIN_WEIGHT and w["ci95"][0] > 0]
     consistent = all(weights[n]["sd"] <= MAX_SPREAD for n in material)
-    is_blend = len(material) >= 2 and gain is not None and gain <= BLEND_GAIN and consistent
+    others = [n for n in use if n not in material]
+    sparse = bool(material) and bool(others) and all((near.get(n) or 0.0) >= SPARSE_NEAR for n in material + others[:1])
+    explains = gain is not None and (gain <= BLEND_GAIN or (sparse and gain <= SPARSE_GAIN))
+    is_blend = len(material) >= 2 and consistent and explains
     ev = {
         "candidates": use,
         "matrices": len(cosf),
         "median_gain": gain,
         "median_cos_fit": _median(cosf),
         "weights": weights,
-        "criteria": {"gain_max": BLEND_GAIN, "min_weight": MIN_WEIGHT, "max_sd_across_tensors": MAX_SPREAD},
+        "sparse": sparse,
+        "median_near_frac": near,
+        "criteria": {
+            "gain_max": BLEND_GAIN,
+            "gain_max_sparse": SPARSE_GAIN,
+            "sparse_near_frac_min": SPARSE_NEAR,
+            "min_weight": MIN_WEIGHT,
+            "max_sd_across_tensors": MAX_SPREAD,
+        },
     }
     return {
         "is_blend": is_blend,

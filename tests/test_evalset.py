@@ -47,3 +47,9 @@ def test_blend_weights_within_0_02(evaluated):
             assert abs(w[name] - expected) < 0.02, (c["name"], name, w)
         if c["base"]:
             assert (v["method"], v["base"]) == ("task_arithmetic", c["base"])
+
+
+def test_sparse_merge_is_named_with_its_base(evaluated):
+    (c, v) = next((c, v) for c, v in evaluated if c["name"].startswith("dare"))
+    assert (v["verdict"], v["merge_family"], v["base"]) == ("blend", "ties/dare", "base")
+    assert {p["name"] for p in v["parents"]} == {"ft1", "ft2"}

@@ -184,7 +184,7 @@ def test_kernel_and_torch_engines_agree(tmp_path, dtypes):
     with Reader() as r:
         a = accumulate(g, r, 1 << 14, engine="kernel")
         b = accumulate(g, r, 1 << 14, engine="torch")
-    assert a.n == b.n == 301 * 77 and a.exact == b.exact
+    assert a.n == b.n == 301 * 77 and a.exact == b.exact and a.near == b.near
     assert torch.allclose(a.gram, b.gram, rtol=1e-11, atol=1e-11 * float(b.gram.abs().max()))
     assert torch.allclose(a.sums, b.sums, rtol=1e-9, atol=1e-9 * float(b.sums.abs().max()))
 
