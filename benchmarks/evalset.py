@@ -147,6 +147,19 @@ def prune_every_other_layer(w: dict) -> dict:
     return out
 
 
+def reverse_layers(w: dict) -> dict:
+    """The same layers stacked in reverse order."""
+    top = LLAMA["layers"] - 1
+    out = {}
+    for k, v in w.items():
+        parts = k.split(".")
+        if "layers" in parts:
+            i = parts.index("layers") + 1
+            parts[i] = str(top - int(parts[i]))
+        out[".".join(parts)] = v
+    return out
+
+
 def permute_mlp(w: dict, seed: int) -> dict:
     """Permute every layer's MLP hidden units consistently (function unchanged)."""
     out = dict(w)
@@ -208,6 +221,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     add("fine-tune vs base + sibling", p_ft1, {"base": paths[0], "sibling": p_ft2}, "derived")
     add("llama bf16 copy", save(root / "llama-bf16", cast(base, torch.bfloat16)), {"base": paths[0]}, "identical")
     add("every other layer pruned", save(root / "pruned", prune_every_other_layer(ft1)), {"base": paths[0]}, "derived")
+    add("layers reversed, then fine-tuned", save(root / "reversed", reverse_layers(ft1)), {"base": paths[0]}, "derived")
     lin = {k: (0.6 * ft1[k] + 0.4 * ft2[k]).to(torch.bfloat16) for k in base}
     add("linear 0.6/0.4 (torch)", save(root / "lin", lin), fam, "blend", {"ft1": 0.6, "ft2": 0.4})
     ta = {k: (base[k] + 0.7 * (ft1[k] - base[k]) + 0.5 * (ft2[k] - base[k])).to(torch.bfloat16) for k in base}
@@ -282,6 +296,8 @@ def main() -> None:
                 f" method {v.get('method')}{'/' + v['merge_family'] if v.get('merge_family') else ''} base {v.get('base')} weights "
                 + ", ".join(f"{n} {x:.3f}" for n, x in w.items())
             )
+        if v.get("layer_map"):
+            note += " layer_map " + ",".join(f"{i}->{j}" for i, j in v["layer_map"].items())
         flag = "" if got == c["expect"] else "  <-- WRONG"
         if flag:
             wrong.append(c["name"])

@@ -27,13 +27,15 @@ from pathlib import Path
 from lineage import __version__
 from lineage.align import Group, align
 from lineage.errors import LineageError
+from lineage.layermap import map_layers
 from lineage.modelset import ModelSet
 from lineage.output import TensorWriter, atomic_write_bytes, read_rows, write_verdicts
 from lineage.plan import Unit, plan_units
 from lineage.rows import tensor_row
 from lineage.source import Model, resolve
 from lineage.stats import Stats
-from lineage.verdict import Candidate, decide, unreadable
+from lineage.verdict import Z_SIG, Candidate, decide, unreadable
+from lineage.views import Reader
 from lineage.work import ItemResult, run_unit
 
 log = logging.getLogger("lineage")
@@ -176,14 +178,69 @@ class Reducer:
             missing = sorted(self.plan.groups[g].tensor for g in self._parts)
             raise RuntimeError(f"incomplete tensors after all units: {missing[:5]}")
         cands = [Candidate(c.name, c.base) for c in self.plan.model_set.candidates]
-        decided = {
-            s.name: decide(s.name, read_rows(self.out_dir, s.name), cands, self.plan.unmatched.get(s.name))
-            for s in self.plan.suspects
-        }
+        decided = {}
+        for s in self.plan.suspects:
+            rows = read_rows(self.out_dir, s.name)
+            decided[s.name] = remap_layers(
+                decide(s.name, rows, cands, self.plan.unmatched.get(s.name)), rows, s, self.plan.candidates
+            )
         decided |= {name: unreadable(name, err) for name, err in self.plan.failed.items()}
         verdicts = [decided[m.name] for m in self.plan.model_set.suspects]
         write_verdicts(self.out_dir, verdicts)
         return verdicts
+
+
+def remap_layers(verdict: dict, rows: list[dict], suspect: Model, candidates: list[Model]) -> dict:
+    """Add a layer map when the suspect's layers do not match their namesakes.
+
+    For a `derived` verdict whose parent leaves some stack layer without a
+    significant matrix, and for an `inconclusive` one where a candidate
+    matches only part of the matrices, every suspect layer is compared with
+    every candidate layer (sampled; `layermap.map_layers`). A mapping that
+    is not the identity and covers every suspect layer is reported as
+    `layer_map`; for an inconclusive verdict it makes the suspect `derived`
+    from that candidate, the mapped correlations being the evidence.
+    """
+    by_name = {c.name: c for c in candidates}
+    if verdict["verdict"] == "derived":
+        targets = [verdict["parents"][0]["name"]]
+    elif verdict["verdict"] == "inconclusive":
+        targets = [n for n, e in verdict.get("evidence", {}).get("candidates", {}).items() if 0 < e["frac_significant"] < 0.5]
+    else:
+        return verdict
+    for name in targets:
+        if verdict["verdict"] == "derived" and not _unmatched_layers(rows, name):
+            continue
+        with Reader() as reader:
+            lm = map_layers(suspect, by_name[name], reader)
+        layers = {r["layer"] for r in rows if r["layer"] is not None and r["ndim"] >= 2}
+        if lm is None or lm.is_identity or set(lm.mapping) != layers:
+            continue
+        verdict["layer_map"] = {str(i): j for i, j in sorted(lm.mapping.items())}
+        text = ", ".join(f"{i}->{j}" for i, j in sorted(lm.mapping.items()))
+        low = min(lm.corr.values())
+        if verdict["verdict"] == "inconclusive":
+            verdict["verdict"], verdict["parents"] = "derived", [{"name": name, "weight": 1.0, "ci95": [1.0, 1.0]}]
+            verdict["explanation"] = (
+                f"{suspect.name} derives from {name} with its layers rearranged: every suspect layer matches one "
+                f"layer of {name} (suspect->parent {text}; correlation at least {low:.4f} on {', '.join(lm.roles)}), "
+                "though few matrices match their namesakes."
+            )
+        else:
+            verdict["explanation"] += f" Its layers map to {name}'s as {text} (correlation at least {low:.4f})."
+        break
+    return verdict
+
+
+def _unmatched_layers(rows: list[dict], cand: str) -> bool:
+    """Some stack layer has no matrix significantly correlated with `cand`."""
+    sig: dict[int, bool] = {}
+    for r in rows:
+        if r["status"] != "ok" or r["layer"] is None or r["ndim"] < 2:
+            continue
+        z = next((c["z"] for c in r["candidates"] if c["candidate"] == cand and c["status"] == "ok"), None)
+        sig[r["layer"]] = sig.get(r["layer"], False) or (z is not None and z >= Z_SIG)
+    return not all(sig.values())
 
 
 def run_local(

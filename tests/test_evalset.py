@@ -53,3 +53,10 @@ def test_sparse_merge_is_named_with_its_base(evaluated):
     (c, v) = next((c, v) for c, v in evaluated if c["name"].startswith("dare"))
     assert (v["verdict"], v["merge_family"], v["base"]) == ("blend", "ties/dare", "base")
     assert {p["name"] for p in v["parents"]} == {"ft1", "ft2"}
+
+
+def test_layer_maps_of_pruned_and_reordered_models(evaluated):
+    maps = {c["name"]: (v["verdict"], v.get("layer_map")) for c, v in evaluated}
+    assert maps["every other layer pruned"] == ("derived", {"0": 0, "1": 2})
+    assert maps["layers reversed, then fine-tuned"] == ("derived", {"0": 3, "1": 2, "2": 1, "3": 0})
+    assert maps["llama fine-tune vs base"] == ("derived", None)  # in order: no map
