@@ -171,6 +171,12 @@ def permute_mlp(w: dict, seed: int) -> dict:
             out[k] = w[k][p]
             out[pre + "intermediate.dense.bias"] = w[pre + "intermediate.dense.bias"][p]
             out[pre + "output.dense.weight"] = w[pre + "output.dense.weight"][:, p]
+        elif k.endswith("mlp.up_proj.weight"):  # Llama
+            p = torch.randperm(w[k].shape[0], generator=g)
+            pre = k[: -len("up_proj.weight")]
+            for name in ("up_proj", "gate_proj"):
+                out[f"{pre}{name}.weight"] = w[f"{pre}{name}.weight"][p]
+            out[pre + "down_proj.weight"] = w[pre + "down_proj.weight"][:, p]
     return out
 
 
@@ -220,6 +226,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     add("llama fine-tune vs base", p_ft1, {"base": paths[0]}, "derived")
     add("fine-tune vs base + sibling", p_ft1, {"base": paths[0], "sibling": p_ft2}, "derived")
     add("llama bf16 copy", save(root / "llama-bf16", cast(base, torch.bfloat16)), {"base": paths[0]}, "identical")
+    add("fine-tune with MLP units permuted", save(root / "ft-perm", permute_mlp(ft1, 4)), {"base": paths[0]}, "derived")
     add("every other layer pruned", save(root / "pruned", prune_every_other_layer(ft1)), {"base": paths[0]}, "derived")
     add("layers reversed, then fine-tuned", save(root / "reversed", reverse_layers(ft1)), {"base": paths[0]}, "derived")
     lin = {k: (0.6 * ft1[k] + 0.4 * ft2[k]).to(torch.bfloat16) for k in base}

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lineage import __version__
+from lineage import __version__, permute
 from lineage.align import Group, align
 from lineage.errors import LineageError
 from lineage.layermap import map_layers
@@ -40,6 +40,7 @@ from lineage.work import ItemResult, run_unit
 
 log = logging.getLogger("lineage")
 MANIFEST = "audit.json"
+MAX_PERMUTATION_SEARCH = 512  # matrices read whole by the driver, at most
 
 
 @dataclass
@@ -181,9 +182,8 @@ class Reducer:
         decided = {}
         for s in self.plan.suspects:
             rows = read_rows(self.out_dir, s.name)
-            decided[s.name] = remap_layers(
-                decide(s.name, rows, cands, self.plan.unmatched.get(s.name)), rows, s, self.plan.candidates
-            )
+            v = remap_layers(decide(s.name, rows, cands, self.plan.unmatched.get(s.name)), rows, s, self.plan.candidates)
+            decided[s.name] = undo_permutations(v, rows, s, self.plan.candidates)
         decided |= {name: unreadable(name, err) for name, err in self.plan.failed.items()}
         verdicts = [decided[m.name] for m in self.plan.model_set.suspects]
         write_verdicts(self.out_dir, verdicts)
@@ -229,6 +229,47 @@ def remap_layers(verdict: dict, rows: list[dict], suspect: Model, candidates: li
         else:
             verdict["explanation"] += f" Its layers map to {name}'s as {text} (correlation at least {low:.4f})."
         break
+    return verdict
+
+
+def undo_permutations(verdict: dict, rows: list[dict], suspect: Model, candidates: list[Model]) -> dict:
+    """Report MLP hidden-unit permutations between a derived suspect and its parent.
+
+    Runs when a `derived` suspect has matrices that do not match their
+    namesakes in the parent (and no layer map explained them); each
+    permutation found is undone and the correlation it restores reported
+    under `permutation`.
+    """
+    if verdict["verdict"] != "derived" or verdict.get("layer_map"):
+        return verdict
+    name = verdict["parents"][0]["name"]
+    corr = {
+        r["tensor"]: c["corr"] or 0.0
+        for r in rows
+        if r["status"] == "ok" and r["ndim"] == 2
+        for c in r["candidates"]
+        if c["candidate"] == name and c["status"] == "ok"
+    }
+    typical = verdict["evidence"]["candidates"][name]["median_corr"] or 0.0
+    # far below the model's typical correlation: permuted rows keep column
+    # structure, so a permuted matrix can still be "significant" on its own
+    unmatched = [t for t, c in corr.items() if c < 0.5 * typical][:MAX_PERMUTATION_SEARCH]
+    if not unmatched:
+        return verdict
+    parent = next(c for c in candidates if c.name == name)
+    with Reader() as reader:
+        found = permute.find(suspect, parent, unmatched, reader)
+    if found:
+        verdict["permutation"] = [
+            {"tensors": p.tensors, "units": p.units, "corr_before": round(p.corr_before, 6), "corr_after": round(p.corr_after, 6)}
+            for p in found
+        ]
+        explained = sum(len(p.tensors) for p in found)
+        verdict["explanation"] += (
+            f" {explained} of its matrices in {len(found)} MLPs had their hidden units permuted (an evasion that leaves "
+            f"the function unchanged); undone, they correlate with {name} at {min(p.corr_after for p in found):.4f} "
+            f"or more (before: {max(p.corr_before for p in found):.4f} at most)."
+        )
     return verdict
 
 

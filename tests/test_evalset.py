@@ -60,3 +60,14 @@ def test_layer_maps_of_pruned_and_reordered_models(evaluated):
     assert maps["every other layer pruned"] == ("derived", {"0": 0, "1": 2})
     assert maps["layers reversed, then fine-tuned"] == ("derived", {"0": 3, "1": 2, "2": 1, "3": 0})
     assert maps["llama fine-tune vs base"] == ("derived", None)  # in order: no map
+
+
+def test_permuted_mlp_units_found_and_undone(evaluated):
+    for name, n_mlps, tensors_each in (("minilm MLP neurons permuted", 6, 2), ("fine-tune with MLP units permuted", 4, 3)):
+        (v,) = [v for c, v in evaluated if c["name"] == name]
+        assert v["verdict"] == "derived"
+        perms = v["permutation"]
+        assert len(perms) == n_mlps and all(len(p["tensors"]) == tensors_each for p in perms)
+        assert all(p["corr_after"] > 0.99 and abs(p["corr_before"]) < 0.2 for p in perms)
+    (v,) = [v for c, v in evaluated if c["name"] == "llama fine-tune vs base"]
+    assert "permutation" not in v

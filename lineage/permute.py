@@ -1,0 +1,94 @@
+"""Hidden units permuted to hide a model's origin, found and undone.
+
+Permuting an MLP's hidden units (the rows of its up/gate projections, the
+same permutation on the columns of its down projection) leaves the function
+unchanged and breaks a tensor-by-tensor comparison of those matrices. The
+residual stream is untouched, so the rest of the model still matches; this
+finds, for each MLP whose matrices do not match their parent's, the
+permutation that matches rows best (each suspect unit's most correlated
+parent unit), checks that it is one-to-one and agrees between the up and
+down side, and reports the correlation once it is undone.
+
+Attention-head permutations are not searched yet.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from lineage.align import Index
+from lineage.layout import canonical
+from lineage.source import Model
+from lineage.views import Reader, View
+
+#: Matrices whose rows are an MLP's hidden units, and those whose columns are.
+UNIT_ROWS = re.compile(r"(mlp\.(gate_proj|up_proj|w1|w3|fc1)|intermediate\.dense)\.weight$")
+UNIT_COLS = re.compile(r"(mlp\.(down_proj|w2|fc2)|(?<!attention\.)output\.dense)\.weight$")
+MAX_ELEMENTS = 1 << 26  # read whole matrices only up to this size
+
+
+@dataclass
+class Permutation:
+    tensors: list[str]  # suspect tensors whose hidden units were permuted
+    units: int
+    corr_before: float
+    corr_after: float
+
+
+def _centered_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    x = x - x.mean(dim=1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-300)
+
+
+def match_rows(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+    """perm with s[i] ~ p[perm[i]], or None when the best matches are not one-to-one."""
+    sim = _centered_rows(s) @ _centered_rows(p).T
+    perm = sim.argmax(dim=1)
+    return perm if len(set(perm.tolist())) == len(perm) else None
+
+
+def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    a, b = a - a.mean(), b - b.mean()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def find(suspect: Model, parent: Model, unmatched: list[str], reader: Reader) -> list[Permutation]:
+    """Permutations of MLP hidden units that explain the `unmatched` suspect matrices."""
+    s_ix, p_ix = Index.build(suspect), Index.build(parent)
+    by_prefix: dict[str, dict[str, str]] = {}
+    for name in unmatched:
+        c = canonical(name)
+        kind = "rows" if UNIT_ROWS.search(c) else "cols" if UNIT_COLS.search(c) else None
+        if kind:
+            prefix = c.rsplit(".", 2)[0]  # layers.3.mlp / encoder.layer.3
+            prefix = re.sub(r"\.(mlp|intermediate|output)$", "", prefix)
+            by_prefix.setdefault(prefix, {})[name] = kind
+    out = []
+    for _, tensors in sorted(by_prefix.items()):
+        mats = {}
+        for name, kind in tensors.items():
+            se = suspect.tensors[name]
+            pe = p_ix.by_name.get(canonical(name))
+            if pe is None or pe.shape != se.shape or len(se.shape) != 2 or se.shape[0] * se.shape[1] > MAX_ELEMENTS:
+                continue
+            s = reader.read(View((s_ix.seg(se),)), 0, se.shape[0])
+            p = reader.read(View((p_ix.seg(pe),)), 0, pe.shape[0])
+            mats[name] = (s, p) if kind == "rows" else (s.T, p.T)
+        if not mats:
+            continue
+        perms = {name: match_rows(s, p) for name, (s, p) in mats.items()}
+        found = [v for v in perms.values() if v is not None]
+        if not found or any(v is None or not torch.equal(v, found[0]) for v in perms.values()):
+            continue
+        perm = found[0]
+        if torch.equal(perm, torch.arange(len(perm))):
+            continue
+        before = min(_corr(s, p) for s, p in mats.values())
+        after = min(_corr(s, p[perm]) for s, p in mats.values())
+        out.append(Permutation(sorted(mats), len(perm), before, after))
+    return out
