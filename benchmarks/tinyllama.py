@@ -1,0 +1,90 @@
+"""A Llama forward pass in plain torch, to train the evaluation set's models for real.
+
+The evaluation set needs models that are trained (so their weights carry
+the structure real checkpoints have, norms near 1 included) and fine-tunes
+made by real optimiser steps on real text, without downloading anything.
+The text is Python's own standard library source, read from this
+interpreter's installation and split by file name into disjoint corpora;
+tokens are bytes. The model is the Llama architecture over the state dict
+`benchmarks.evalset.llama` builds (RMSNorm, grouped-query causal attention
+without rotary embeddings, SwiGLU MLP, untied head).
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+from functools import cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CORPORA = {"pretrain": "abcdefgh", "ft-a": "ijklmn", "ft-b": "opqrs", "ft-c": "tuvwxyz"}
+
+
+@cache
+def corpus(name: str, limit: int = 2_000_000) -> torch.Tensor:
+    """Bytes of the stdlib modules whose file names start with CORPORA[name]'s letters."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.name[0].lower() in CORPORA[name])
+    data = b"".join(p.read_bytes() for p in files)[:limit]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+
+
+def forward(w: dict[str, torch.Tensor], tokens: torch.Tensor, layers: int, heads: int, kv_heads: int) -> torch.Tensor:
+    x = w["model.embed_tokens.weight"][tokens]
+    b, t, h = x.shape
+    hd = h // heads
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        y = _rms(x, w[p + "input_layernorm.weight"])
+        q = (y @ w[p + "self_attn.q_proj.weight"].T).view(b, t, heads, hd).transpose(1, 2)
+        k = (y @ w[p + "self_attn.k_proj.weight"].T).view(b, t, kv_heads, hd).transpose(1, 2)
+        v = (y @ w[p + "self_attn.v_proj.weight"].T).view(b, t, kv_heads, hd).transpose(1, 2)
+        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, h)
+        x = x + a @ w[p + "self_attn.o_proj.weight"].T
+        y = _rms(x, w[p + "post_attention_layernorm.weight"])
+        x = (
+            x
+            + (F.silu(y @ w[p + "mlp.gate_proj.weight"].T) * (y @ w[p + "mlp.up_proj.weight"].T))
+            @ w[p + "mlp.down_proj.weight"].T
+        )
+    return _rms(x, w["model.norm.weight"]) @ w["lm_head.weight"].T
+
+
+def train(
+    w: dict[str, torch.Tensor], text: torch.Tensor, steps: int, lr: float, seed: int, cfg: dict, batch: int = 8, ctx: int = 64
+) -> dict[str, torch.Tensor]:
+    """`steps` AdamW steps of next-byte prediction on random windows of `text`."""
+    g = torch.Generator().manual_seed(seed)
+    params = {k: v.detach().clone().float().requires_grad_(True) for k, v in w.items()}
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(text) - ctx - 1, (batch,), generator=g)
+        x = torch.stack([text[s : s + ctx] for s in starts])
+        y = torch.stack([text[s + 1 : s + ctx + 1] for s in starts])
+        logits = forward(params, x, cfg["layers"], cfg["heads"], cfg["kv"])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach() for k, v in params.items()}
+
+
+def loss(w: dict[str, torch.Tensor], text: torch.Tensor, cfg: dict, seed: int = 0, batch: int = 16, ctx: int = 64) -> float:
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(text) - ctx - 1, (batch,), generator=g)
+    x = torch.stack([text[s : s + ctx] for s in starts])
+    y = torch.stack([text[s + 1 : s + ctx + 1] for s in starts])
+    with torch.no_grad():
+        logits = forward(w, x, cfg["layers"], cfg["heads"], cfg["kv"])
+    return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+
+
+__all__ = ["corpus", "forward", "train", "loss", "math"]
