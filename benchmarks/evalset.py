@@ -249,6 +249,18 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
             "merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
             {},
         ),
+        "dare_linear": (
+            "merge_method: dare_linear\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
+            {},
+        ),
+        "model_stock": (
+            "merge_method: model_stock\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: bfloat16\n",
+            {},
+        ),
+        "passthrough": (
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 2]\n  - sources:\n      - model: {ft2}\n        layer_range: [2, 4]\ndtype: bfloat16\n",
+            {},
+        ),
         "dare_ties": (
             "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
             {},
@@ -258,6 +270,8 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
         folder = mergekit(root / f"mk-{method}", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
         if folder is not None:
             add(f"mergekit {method}", folder, fam, "blend", weights, base="base" if "base_model: {base}" in tmpl else None)
+    stack = {k: (ft2[k] if ".layers.2." in k or ".layers.3." in k else ft1[k]).to(torch.bfloat16) for k in base}
+    add("layer stack: ft1 0-1 + ft2 2-3 (torch)", save(root / "stack", stack), fam, "blend")
     mixed = {k: 0.5 * ft1[k] + 0.5 * ft2[k] for k in base}
     add("blend, then trained further", save(root / "blend-trained", finetune(mixed, "ft-c", 13, steps=10, lr=2e-4)), fam, "blend")
     for a in range(seeds):
@@ -278,6 +292,7 @@ def main() -> None:
     a = ap.parse_args()
     root = Path(a.dir)
     confusion: dict[str, Counter] = defaultdict(Counter)
+    null_z: list[float] = []
     errors, wrong = [], []
     shutil.rmtree(root / "models", ignore_errors=True)  # merges are cached per folder: rebuild from these inputs
     for c in cases(root / "models", a.seeds):
@@ -292,6 +307,11 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         (v,) = run_local(ms, out)
         got = v["verdict"]
+        if c["expect"] == "unrelated":  # the per-tensor z of unrelated pairs: the empirical null
+            import duckdb
+
+            q = f"select c.z from (select unnest(candidates) c from read_parquet('{out}/tensors/**/*.parquet') where ndim >= 2) where c.z is not null"
+            null_z += [z for (z,) in duckdb.connect().execute(q).fetchall()]
         confusion[c["expect"]][got] += 1
         w = {p["name"]: p["weight"] for p in v["parents"]}
         err = max((abs(w.get(n, 0.0) - x) for n, x in c["weights"].items()), default=None)
@@ -317,6 +337,13 @@ def main() -> None:
     unrel = confusion["unrelated"]
     fp = sum(unrel[k] for k in ("derived", "blend", "identical"))
     print(f"\nfalse positives over unrelated pairs: {fp}/{sum(unrel.values())}")
+    if null_z:
+        mean = sum(null_z) / len(null_z)
+        sd = math.sqrt(sum((z - mean) ** 2 for z in null_z) / len(null_z))
+        print(
+            f"empirical null: z of {len(null_z)} matrices of unrelated pairs has mean {mean:.2f}, sd {sd:.2f}, "
+            f"max |z| {max(abs(z) for z in null_z):.2f} (the verdict assumes N(0, 1); threshold 6)"
+        )
     if errors:
         print(f"blend weight error: max {max(errors):.4f} over {len(errors)} blends with known weights")
     print(f"{sum(sum(c.values()) for c in confusion.values()) - len(wrong)} right, {len(wrong)} wrong")

@@ -213,6 +213,20 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
             f"(median relative distance {p['median_rel_dist']:.2e}).",
         )
 
+    stack = _passthrough(ok, reps)
+    if stack is not None:
+        parents = [{"name": n, "weight": round(w, 6), "ci95": [round(w, 6), round(w, 6)]} for n, w in stack["shares"].items()]
+        layers = ", ".join(f"{layer}: {src}" for layer, src in stack["layers"].items())
+        return doc(
+            "blend",
+            parents,
+            f"{suspect} is a layer stack (passthrough merge): each of its {stack['matrices']} matrices is a copy, within "
+            f"storage rounding, of one candidate's, taken from {' and '.join(stack['shares'])} (layers {layers}); "
+            "weights are the share of elements each supplies.",
+            method="passthrough",
+            layer_sources=stack["layers"],
+        )
+
     related = [n for n in reps if per[n]["matrices"] and per[n]["frac_significant"] >= RELATED_FRAC]
     if not related:
         partial = [n for n in reps if per[n]["frac_significant"] > UNRELATED_FRAC]
@@ -326,6 +340,41 @@ def unreadable(suspect: str, error: str) -> dict:
         "components": {},
         "error": error,
         "explanation": f"{suspect} could not be audited: {error}",
+    }
+
+
+def _passthrough(ok: list[dict], reps: list[str]) -> dict | None:
+    """A stack of copied layers: every matrix within rounding of one candidate,
+    at least two candidates supplying >= 10% of the elements each."""
+    mats = [r for r in ok if r["ndim"] >= 2]
+    source: dict[str, tuple[str, dict]] = {}
+    for r in mats:
+        within = [
+            c
+            for c in r["candidates"]
+            if c["candidate"] in reps
+            and c["status"] == "ok"
+            and c["rounding_tol"] is not None
+            and (c["rel_dist"] or 1.0) <= c["rounding_tol"]
+        ]
+        if within:
+            source[r["tensor"]] = (min(within, key=lambda c: c["rel_dist"])["candidate"], r)
+    if not mats or len(source) < len(mats):
+        return None
+    total = sum(r["numel"] for r in mats)
+    shares: Counter = Counter()
+    for name, r in source.values():
+        shares[name] += r["numel"] / total
+    if sum(1 for v in shares.values() if v >= 0.1) < 2:
+        return None
+    layers: dict[str, str] = {}
+    for name, r in source.values():
+        if r["layer"] is not None:
+            layers.setdefault(str(r["layer"]), name)
+    return {
+        "shares": dict(shares.most_common()),
+        "layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0]))),
+        "matrices": len(mats),
     }
 
 

@@ -71,3 +71,9 @@ def test_permuted_mlp_units_found_and_undone(evaluated):
         assert all(p["corr_after"] > 0.99 and abs(p["corr_before"]) < 0.2 for p in perms)
     (v,) = [v for c, v in evaluated if c["name"] == "llama fine-tune vs base"]
     assert "permutation" not in v
+
+
+def test_layer_stack_is_a_passthrough_blend(evaluated):
+    (v,) = [v for c, v in evaluated if c["name"].startswith("layer stack")]
+    assert (v["verdict"], v["method"]) == ("blend", "passthrough")
+    assert v["layer_sources"] == {"0": "ft1", "1": "ft1", "2": "ft2", "3": "ft2"}
