@@ -12,7 +12,6 @@ without rotary embeddings, SwiGLU MLP, untied head).
 
 from __future__ import annotations
 
-import math
 import sysconfig
 from functools import cache
 from pathlib import Path
@@ -85,6 +84,3 @@ def loss(w: dict[str, torch.Tensor], text: torch.Tensor, cfg: dict, seed: int = 
     with torch.no_grad():
         logits = forward(w, x, cfg["layers"], cfg["heads"], cfg["kv"])
     return float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
-
-
-__all__ = ["corpus", "forward", "train", "loss", "math"]
