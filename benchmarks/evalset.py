@@ -153,6 +153,23 @@ def reverse_layers(w: dict) -> dict:
     return out
 
 
+def permute_heads(w: dict, seed: int, head_dim: int) -> dict:
+    """Permute every BERT layer's attention heads consistently (function unchanged)."""
+    out = dict(w)
+    g = torch.Generator().manual_seed(seed)
+    for k in w:
+        if k.endswith("attention.self.query.weight"):
+            pre = k[: -len("self.query.weight")]
+            heads = w[k].shape[0] // head_dim
+            p = torch.randperm(heads, generator=g)
+            idx = (p[:, None] * head_dim + torch.arange(head_dim)).flatten()
+            for n in ("query", "key", "value"):
+                out[f"{pre}self.{n}.weight"] = w[f"{pre}self.{n}.weight"][idx]
+                out[f"{pre}self.{n}.bias"] = w[f"{pre}self.{n}.bias"][idx]
+            out[pre + "output.dense.weight"] = w[pre + "output.dense.weight"][:, idx]
+    return out
+
+
 def permute_mlp(w: dict, seed: int) -> dict:
     """Permute every layer's MLP hidden units consistently (function unchanged)."""
     out = dict(w)
@@ -208,6 +225,9 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     noisy = {k: v + 0.2 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in real.items()}
     add("minilm + noise 0.2 sd", save(root / "mini-noise", noisy, None), {"minilm": mini}, "derived")
     add("minilm MLP neurons permuted", save(root / "mini-perm", permute_mlp(real, 3), None), {"minilm": mini}, "derived")
+    heads = save(root / "mini-heads", permute_heads(real, 4, 32), None)
+    shutil.copy(minilm_path().parent / "config.json", heads / "config.json")
+    add("minilm attention heads permuted", heads, {"minilm": mini}, "derived")
 
     models = {s: llama(s) for s in range(seeds)}
     paths = {s: save(root / f"llama-{s}", models[s]) for s in range(seeds)}

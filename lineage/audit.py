@@ -233,7 +233,7 @@ def remap_layers(verdict: dict, rows: list[dict], suspect: Model, candidates: li
 
 
 def undo_permutations(verdict: dict, rows: list[dict], suspect: Model, candidates: list[Model]) -> dict:
-    """Report MLP hidden-unit permutations between a derived suspect and its parent.
+    """Report permuted MLP units and attention heads between a derived suspect and its parent.
 
     Runs when a `derived` suspect has matrices that do not match their
     namesakes in the parent (and no layer map explained them); each
@@ -250,9 +250,10 @@ def undo_permutations(verdict: dict, rows: list[dict], suspect: Model, candidate
         for c in r["candidates"]
         if c["candidate"] == name and c["status"] == "ok"
     }
-    typical = verdict["evidence"]["candidates"][name]["median_corr"] or 0.0
-    # far below the model's typical correlation: permuted rows keep column
-    # structure, so a permuted matrix can still be "significant" on its own
+    ranked = sorted(corr.values())
+    typical = ranked[int(0.9 * (len(ranked) - 1))] if ranked else 0.0  # what matched matrices reach; a median would
+    # fall with many permuted ones. Far below it counts: permuted rows keep column structure, so a permuted matrix
+    # can still be "significant" on its own.
     unmatched = [t for t, c in corr.items() if c < 0.5 * typical][:MAX_PERMUTATION_SEARCH]
     if not unmatched:
         return verdict
@@ -261,12 +262,19 @@ def undo_permutations(verdict: dict, rows: list[dict], suspect: Model, candidate
         found = permute.find(suspect, parent, unmatched, reader)
     if found:
         verdict["permutation"] = [
-            {"tensors": p.tensors, "units": p.units, "corr_before": round(p.corr_before, 6), "corr_after": round(p.corr_after, 6)}
+            {
+                "what": p.what,
+                "tensors": p.tensors,
+                "units": p.units,
+                "corr_before": round(p.corr_before, 6),
+                "corr_after": round(p.corr_after, 6),
+            }
             for p in found
         ]
         explained = sum(len(p.tensors) for p in found)
+        kinds = " and ".join(sorted({p.what for p in found}))
         verdict["explanation"] += (
-            f" {explained} of its matrices in {len(found)} MLPs had their hidden units permuted (an evasion that leaves "
+            f" {explained} of its matrices had their {kinds} permuted ({len(found)} groups; an evasion that leaves "
             f"the function unchanged); undone, they correlate with {name} at {min(p.corr_after for p in found):.4f} "
             f"or more (before: {max(p.corr_before for p in found):.4f} at most)."
         )

@@ -9,13 +9,17 @@ permutation that matches rows best (each suspect unit's most correlated
 parent unit), checks that it is one-to-one and agrees between the up and
 down side, and reports the correlation once it is undone.
 
-Attention-head permutations are not searched yet.
+Attention heads are permuted the same way: query rows in blocks of one
+head (head_dim = hidden_size / num_attention_heads from config.json) with
+the output projection's columns, key and value rows by key/value head.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,15 +31,20 @@ from lineage.views import Reader, View
 #: Matrices whose rows are an MLP's hidden units, and those whose columns are.
 UNIT_ROWS = re.compile(r"(mlp\.(gate_proj|up_proj|w1|w3|fc1)|intermediate\.dense)\.weight$")
 UNIT_COLS = re.compile(r"(mlp\.(down_proj|w2|fc2)|(?<!attention\.)output\.dense)\.weight$")
+ATTN_Q = re.compile(r"(self_attn\.q_proj|attention\.self\.query)\.weight$")
+ATTN_KV = re.compile(r"(self_attn\.(k_proj|v_proj)|attention\.self\.(key|value))\.weight$")
+ATTN_O = re.compile(r"(self_attn\.o_proj|attention\.output\.dense)\.weight$")
+_LAYER = re.compile(r"^(.*?(?:layers|layer|h|blocks)\.\d+)\.")
 MAX_ELEMENTS = 1 << 26  # read whole matrices only up to this size
 
 
 @dataclass
 class Permutation:
-    tensors: list[str]  # suspect tensors whose hidden units were permuted
+    tensors: list[str]  # suspect tensors whose units were permuted
     units: int
     corr_before: float
     corr_after: float
+    what: str = "mlp units"  # or "attention heads", "key/value heads"
 
 
 def _centered_rows(x: torch.Tensor) -> torch.Tensor:
@@ -57,19 +66,52 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
+def head_dim(model: Model) -> int | None:
+    """hidden_size / num_attention_heads from the model's config.json, when it has one."""
+    cfg = Path(model.root) / "config.json"
+    try:
+        doc = json.loads(cfg.read_text())
+        return int(doc["hidden_size"]) // int(doc["num_attention_heads"])
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _classify(name: str) -> tuple[str, str, str] | None:
+    """(layer prefix, permutation group, 'rows'|'cols') of a matrix whose units can be permuted."""
+    c = canonical(name)
+    prefix = _LAYER.match(c)
+    if prefix is None:
+        return None
+    p = prefix.group(0)
+    if UNIT_ROWS.search(c):
+        return p, "mlp units", "rows"
+    if UNIT_COLS.search(c):
+        return p, "mlp units", "cols"
+    if ATTN_Q.search(c):
+        return p, "attention heads", "rows"
+    if ATTN_O.search(c):
+        return p, "attention heads", "cols"
+    if ATTN_KV.search(c):
+        return p, "key/value heads", "rows"
+    return None
+
+
+def _blocks(x: torch.Tensor, unit: int) -> torch.Tensor:
+    """Rows grouped into units of `unit` rows, each flattened into one row."""
+    return x.reshape(x.shape[0] // unit, unit * x.shape[1])
+
+
 def find(suspect: Model, parent: Model, unmatched: list[str], reader: Reader) -> list[Permutation]:
-    """Permutations of MLP hidden units that explain the `unmatched` suspect matrices."""
+    """Permutations of MLP units and attention heads that explain the `unmatched` suspect matrices."""
     s_ix, p_ix = Index.build(suspect), Index.build(parent)
-    by_prefix: dict[str, dict[str, str]] = {}
+    groups: dict[tuple[str, str], dict[str, str]] = {}
     for name in unmatched:
-        c = canonical(name)
-        kind = "rows" if UNIT_ROWS.search(c) else "cols" if UNIT_COLS.search(c) else None
-        if kind:
-            prefix = c.rsplit(".", 2)[0]  # layers.3.mlp / encoder.layer.3
-            prefix = re.sub(r"\.(mlp|intermediate|output)$", "", prefix)
-            by_prefix.setdefault(prefix, {})[name] = kind
+        k = _classify(name)
+        if k is not None:
+            groups.setdefault((k[0], k[1]), {})[name] = k[2]
+    hd = head_dim(suspect) or head_dim(parent)
     out = []
-    for _, tensors in sorted(by_prefix.items()):
+    for (_, what), tensors in sorted(groups.items()):
         mats = {}
         for name, kind in tensors.items():
             se = suspect.tensors[name]
@@ -78,9 +120,11 @@ def find(suspect: Model, parent: Model, unmatched: list[str], reader: Reader) ->
                 continue
             s = reader.read(View((s_ix.seg(se),)), 0, se.shape[0])
             p = reader.read(View((p_ix.seg(pe),)), 0, pe.shape[0])
-            mats[name] = (s, p) if kind == "rows" else (s.T, p.T)
-        if not mats:
+            mats[name] = (s, p) if kind == "rows" else (s.T.contiguous(), p.T.contiguous())
+        unit = 1 if what == "mlp units" else hd
+        if not mats or unit is None or any(s.shape[0] % unit for s, _ in mats.values()):
             continue
+        mats = {n: (_blocks(s, unit), _blocks(p, unit)) for n, (s, p) in mats.items()}
         perms = {name: match_rows(s, p) for name, (s, p) in mats.items()}
         found = [v for v in perms.values() if v is not None]
         if not found or any(v is None or not torch.equal(v, found[0]) for v in perms.values()):
@@ -90,5 +134,5 @@ def find(suspect: Model, parent: Model, unmatched: list[str], reader: Reader) ->
             continue
         before = min(_corr(s, p) for s, p in mats.values())
         after = min(_corr(s, p[perm]) for s, p in mats.values())
-        out.append(Permutation(sorted(mats), len(perm), before, after))
+        out.append(Permutation(sorted(mats), len(perm), before, after, what))
     return out

@@ -77,3 +77,12 @@ def test_layer_stack_is_a_passthrough_blend(evaluated):
     (v,) = [v for c, v in evaluated if c["name"].startswith("layer stack")]
     assert (v["verdict"], v["method"]) == ("blend", "passthrough")
     assert v["layer_sources"] == {"0": "ft1", "1": "ft1", "2": "ft2", "3": "ft2"}
+
+
+def test_permuted_attention_heads_found_and_undone(evaluated):
+    (v,) = [v for c, v in evaluated if c["name"] == "minilm attention heads permuted"]
+    assert v["verdict"] == "derived"
+    perms = v["permutation"]
+    assert {p["what"] for p in perms} == {"attention heads", "key/value heads"}
+    assert len(perms) == 12 and sum(len(p["tensors"]) for p in perms) == 24 and all(p["units"] == 12 for p in perms)
+    assert all(p["corr_after"] > 0.999 for p in perms)
