@@ -11,18 +11,17 @@ parent layer it correlates with best, when that correlation is significant.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 from lineage.align import Group, Index, Side
 from lineage.fit import single
 from lineage.layout import canonical, component, layer_index
+from lineage.layout import role as role_of
 from lineage.source import Model
 from lineage.stats import accumulate
 from lineage.views import Reader, View
 
 Z_SIG = 6.0
-_INDEX = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks)\.)(\d+)(\.)")
 
 
 @dataclass
@@ -43,8 +42,7 @@ def roles(model: Model) -> dict[str, dict[int, str]]:
         layer = layer_index(name)
         if layer is None or len(e.shape) < 2 or not e.dtype.startswith(("F", "BF")):
             continue
-        role = _INDEX.sub(r"\g<1>*\g<3>", canonical(name), count=1)
-        out.setdefault(role, {})[layer] = name
+        out.setdefault(role_of(name), {})[layer] = name
     return out
 
 

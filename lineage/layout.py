@@ -76,6 +76,20 @@ def layer_index(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def role(name: str) -> str:
+    """The canonical name with the stack index as '*': the same matrix in every layer."""
+    c = canonical(name)
+    m = LAYER_RE.search(c)
+    return c if m is None else c[: m.start(1)] + "*" + c[m.end(1) :]
+
+
+def layer_prefix(name: str) -> str | None:
+    """The canonical name up to the stack index ('layers.3'), None outside the stack."""
+    c = canonical(name)
+    m = LAYER_RE.search(c)
+    return None if m is None else c[: m.end(1)]
+
+
 def is_scale(name: str) -> bool:
     return name.endswith(SCALE_SUFFIXES)
 

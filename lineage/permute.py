@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lineage.align import Index
-from lineage.layout import canonical
+from lineage.layout import canonical, layer_prefix
 from lineage.source import Model
 from lineage.views import Reader, View
 
@@ -34,7 +34,6 @@ UNIT_COLS = re.compile(r"(mlp\.(down_proj|w2|fc2)|(?<!attention\.)output\.dense)
 ATTN_Q = re.compile(r"(self_attn\.q_proj|attention\.self\.query)\.weight$")
 ATTN_KV = re.compile(r"(self_attn\.(k_proj|v_proj)|attention\.self\.(key|value))\.weight$")
 ATTN_O = re.compile(r"(self_attn\.o_proj|attention\.output\.dense)\.weight$")
-_LAYER = re.compile(r"^(.*?(?:layers|layer|h|blocks)\.\d+)\.")
 MAX_ELEMENTS = 1 << 26  # read whole matrices only up to this size
 
 
@@ -79,10 +78,9 @@ def head_dim(model: Model) -> int | None:
 def _classify(name: str) -> tuple[str, str, str] | None:
     """(layer prefix, permutation group, 'rows'|'cols') of a matrix whose units can be permuted."""
     c = canonical(name)
-    prefix = _LAYER.match(c)
-    if prefix is None:
+    p = layer_prefix(name)
+    if p is None:
         return None
-    p = prefix.group(0)
     if UNIT_ROWS.search(c):
         return p, "mlp units", "rows"
     if UNIT_COLS.search(c):
