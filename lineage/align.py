@@ -12,7 +12,7 @@ candidate tensor that no suspect tensor used is counted in the coverage.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lineage.dtypes import DTYPES
 from lineage.errors import LineageError
@@ -28,7 +28,7 @@ from lineage.layout import (
     layer_index,
     per_expert_key,
 )
-from lineage.source import Model
+from lineage.source import Model, natural_key
 from lineage.views import View, check_scale, matrix_shape, segment
 
 CROPPABLE = ("embedding", "head")
@@ -125,8 +125,6 @@ def align(suspect: Model, candidates: list[Model]) -> tuple[list[Group], dict[st
 
 
 def _order(name: str) -> tuple:
-    from lineage.source import natural_key
-
     return tuple(natural_key(name))
 
 
@@ -177,8 +175,6 @@ def crop(view: View, rows: int) -> View:
 
 
 def segment_rows(seg, r0: int, r1: int):
-    from dataclasses import replace
-
     return replace(seg, row0=r0, row1=r1)
 
 

@@ -403,12 +403,7 @@ def _blend_fit(rows: list[dict], use: list[str], base: str | None, near: dict[st
     per_w: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
     gains, cosf = [], []
     bases: Counter = Counter()
-    for r in rows:
-        if r["status"] != "ok" or r["ndim"] < 2 or not set(use) <= set(r["stats_order"]):
-            continue
-        b = blend(stats_of(r), use=use, base=base)
-        if b is None or any(b.weights[n] is None for n in use):
-            continue
+    for r, b in _refits([r for r in rows if r["ndim"] >= 2], use, base):
         bases[b.base] += 1
         singles = {c["candidate"]: c["rel_dist"] for c in r["candidates"] if c["status"] == "ok"}
         best_single = min(singles[n] for n in use)
