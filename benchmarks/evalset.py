@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from benchmarks.tinyllama import corpus, train
 from lineage.audit import run_local
 from lineage.demo import fp8_quantize
+from lineage.layout import role
 from lineage.modelset import ModelSet
 
 CLASSES = ("identical", "derived", "blend", "unrelated", "inconclusive")
@@ -305,6 +306,10 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     return out
 
 
+def _rms(v: list[float]) -> float:
+    return math.sqrt(sum(x * x for x in v) / len(v))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/lineage-eval")
@@ -313,6 +318,7 @@ def main() -> None:
     root = Path(a.dir)
     confusion: dict[str, Counter] = defaultdict(Counter)
     null_z: list[float] = []
+    null_by_role: dict[str, list[float]] = defaultdict(list)
     errors, wrong = [], []
     shutil.rmtree(root / "models", ignore_errors=True)  # merges are cached per folder: rebuild from these inputs
     for c in cases(root / "models", a.seeds):
@@ -330,8 +336,10 @@ def main() -> None:
         if c["expect"] == "unrelated":  # the per-tensor z of unrelated pairs: the empirical null
             import duckdb
 
-            q = f"select c.z from (select unnest(candidates) c from read_parquet('{out}/tensors/**/*.parquet') where ndim >= 2) where c.z is not null"
-            null_z += [z for (z,) in duckdb.connect().execute(q).fetchall()]
+            q = f"select tensor, c.z from (select tensor, unnest(candidates) c from read_parquet('{out}/tensors/**/*.parquet') where ndim >= 2) where c.z is not null"
+            for tensor, z in duckdb.connect().execute(q).fetchall():
+                null_z.append(z)
+                null_by_role[role(tensor).rsplit(".", 2)[-2]].append(z)
         confusion[c["expect"]][got] += 1
         w = {p["name"]: p["weight"] for p in v["parents"]}
         err = max((abs(w.get(n, 0.0) - x) for n, x in c["weights"].items()), default=None)
@@ -362,7 +370,11 @@ def main() -> None:
         sd = math.sqrt(sum((z - mean) ** 2 for z in null_z) / len(null_z))
         print(
             f"empirical null: z of {len(null_z)} matrices of unrelated pairs has mean {mean:.2f}, sd {sd:.2f}, "
-            f"max |z| {max(abs(z) for z in null_z):.2f} (the verdict assumes N(0, 1); threshold 6)"
+            f"max |z| {max(abs(z) for z in null_z):.2f} (the permutation null says N(0, 1); threshold 6)"
+        )
+        print(
+            "  by matrix kind: "
+            + ", ".join(f"{k} sd {_rms(v):.2f} max {max(map(abs, v)):.1f}" for k, v in sorted(null_by_role.items()))
         )
     if errors:
         print(f"blend weight error: max {max(errors):.4f} over {len(errors)} blends with known weights")

@@ -6,7 +6,9 @@
  *
  *     y = [ r, p_1 - r, ..., p_{k-1} - r, s - r ]       (r = p_0)
  *
- * and counts, per candidate, the elements equal to the suspect and those
+ * and, for the permutation null of lineage/fit.py, the sums of every row
+ * (their Gram, m x m, is added per completed row) and of every column
+ * (colsum, m x cols), and counts, per candidate, the elements equal to the suspect and those
  * within a relative tolerance tol_j of it (|s - p_j| <= tol_j |p_j|: equal
  * up to storage rounding, the mark sparse merges such as TIES and DARE
  * leave where a delta was dropped). This is
@@ -21,12 +23,14 @@
  * every addition is fixed by this code, so results do not depend on the
  * CPU, the thread count or the vector width.
  *
- * Entry points (all buffers C-contiguous, n elements each):
- *   accumulate_bf16(gram, sums, counts, tols, s, (p_0, ...))   uint16 BF16 bits
- *   accumulate_f32 (gram, sums, counts, tols, s, (p_0, ...))   float32
- * gram: writable float64[m*m], sums: writable float64[m], counts: writable
- * int64[2k] (k exact counts, then k near counts), tols: float64[k]; the
- * outputs are added to, not overwritten.
+ * Entry points (all buffers C-contiguous, n elements each, n a multiple of
+ * cols: a chunk is whole rows of a matrix with `cols` columns):
+ *   accumulate_bf16(gram, sums, counts, tols, s, (p_0, ...), cols, colsum, rowgram)   uint16 BF16 bits
+ *   accumulate_f32 (gram, sums, counts, tols, s, (p_0, ...), cols, colsum, rowgram)   float32
+ * gram, rowgram: writable float64[m*m], sums: writable float64[m], colsum:
+ * writable float64[m*cols], counts: writable int64[2k] (k exact counts, then
+ * k near counts), tols: float64[k]; the outputs are added to, not
+ * overwritten.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -53,6 +57,7 @@ static inline double lane_sum(const double *acc) {
 
 /* One block: decode, difference, accumulate. `load` picks the input type. */
 #define KERNEL_BODY(LOAD)                                                        \
+    double racc[MAXC + 1][LANES] = {{0}};                                        \
     for (Py_ssize_t b0 = 0; b0 < n; b0 += BLOCK) {                               \
         Py_ssize_t len = n - b0 < BLOCK ? n - b0 : BLOCK;                        \
         double y[MAXC + 1][BLOCK];                                               \
@@ -95,6 +100,35 @@ static inline double lane_sum(const double *acc) {
         for (Py_ssize_t i = len; i < ((len + LANES - 1) / LANES) * LANES; i++)   \
             for (int j = 0; j <= k; j++) y[j][i] = 0.0;                          \
         Py_ssize_t lanes_len = ((len + LANES - 1) / LANES) * LANES;              \
+        for (Py_ssize_t i = 0; i < len;) {                                       \
+            Py_ssize_t c0 = (b0 + i) % cols;                                     \
+            Py_ssize_t seg = cols - c0 < len - i ? cols - c0 : len - i;          \
+            for (int a = 0; a <= k; a++) {                                       \
+                double *restrict cs = colsum + (Py_ssize_t)a * cols + c0;        \
+                const double *restrict ya = y[a] + i;                            \
+                double *restrict ra = racc[a];                                   \
+                Py_ssize_t t = 0;                                                \
+                for (; t + LANES <= seg; t += LANES)                             \
+                    for (int l = 0; l < LANES; l++) {                            \
+                        cs[t + l] += ya[t + l];                                  \
+                        ra[l] += ya[t + l];                                      \
+                    }                                                            \
+                for (; t < seg; t++) {                                           \
+                    cs[t] += ya[t];                                              \
+                    ra[0] += ya[t];                                              \
+                }                                                                \
+            }                                                                    \
+            i += seg;                                                            \
+            if (c0 + seg == cols) { /* a row is complete */                      \
+                double rs[MAXC + 1];                                             \
+                for (int a = 0; a <= k; a++) {                                   \
+                    rs[a] = lane_sum(racc[a]);                                   \
+                    for (int l = 0; l < LANES; l++) racc[a][l] = 0.0;            \
+                }                                                                \
+                for (int a = 0; a <= k; a++)                                     \
+                    for (int c = a; c <= k; c++) rowgram[a * m + c] += rs[a] * rs[c]; \
+            }                                                                    \
+        }                                                                        \
         for (int a = 0; a <= k; a++) {                                           \
             double acc_s[LANES] = {0};                                           \
             for (Py_ssize_t i = 0; i < lanes_len; i += LANES)                    \
@@ -110,7 +144,10 @@ static inline double lane_sum(const double *acc) {
         }                                                                        \
     }                                                                            \
     for (int a = 0; a <= k; a++)                                                 \
-        for (int c = 0; c < a; c++) gram[a * m + c] = gram[c * m + a];
+        for (int c = 0; c < a; c++) {                                            \
+            gram[a * m + c] = gram[c * m + a];                                   \
+            rowgram[a * m + c] = rowgram[c * m + a];                             \
+        }
 
 
 #define LOAD_BF16(ptr, i) bf16_to_f32(((const uint16_t *)(ptr))[i])
@@ -125,24 +162,29 @@ static inline double lane_sum(const double *acc) {
 #endif
 
 MULTIVERSION
-static void kernel_bf16(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact, const double *tols) {
+static void kernel_bf16(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact, const double *tols,
+                        Py_ssize_t cols, double *colsum, double *rowgram) {
     int m = k + 1;
     KERNEL_BODY(LOAD_BF16)
 }
 
 MULTIVERSION
-static void kernel_f32(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact, const double *tols) {
+static void kernel_f32(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact, const double *tols,
+                       Py_ssize_t cols, double *colsum, double *rowgram) {
     int m = k + 1;
     KERNEL_BODY(LOAD_F32)
 }
 
-typedef void (*kernel_fn)(Py_ssize_t, int, const void *, const void **, double *, double *, int64_t *, const double *);
+typedef void (*kernel_fn)(Py_ssize_t, int, const void *, const void **, double *, double *, int64_t *, const double *, Py_ssize_t,
+                          double *, double *);
 
 static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
-    Py_buffer g = {0}, sm = {0}, ex = {0}, tl = {0}, sb = {0}, pb[MAXC];
+    Py_buffer g = {0}, sm = {0}, ex = {0}, tl = {0}, sb = {0}, cs = {0}, rg = {0}, pb[MAXC];
     PyObject *cands;
+    Py_ssize_t cols = 0;
     int k = 0, ok = 0;
-    if (!PyArg_ParseTuple(args, "w*w*w*y*y*O!", &g, &sm, &ex, &tl, &sb, &PyTuple_Type, &cands)) return NULL;
+    if (!PyArg_ParseTuple(args, "w*w*w*y*y*O!nw*w*", &g, &sm, &ex, &tl, &sb, &PyTuple_Type, &cands, &cols, &cs, &rg))
+        return NULL;
     k = (int)PyTuple_GET_SIZE(cands);
     int got = 0;
     if (k < 1 || k > MAXC) {
@@ -152,8 +194,9 @@ static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
     Py_ssize_t n = sb.len / itemsize;
     if (sb.len % itemsize || g.len != (Py_ssize_t)sizeof(double) * (k + 1) * (k + 1) ||
         sm.len != (Py_ssize_t)sizeof(double) * (k + 1) || ex.len != (Py_ssize_t)sizeof(int64_t) * 2 * k ||
-        tl.len != (Py_ssize_t)sizeof(double) * k) {
-        PyErr_SetString(PyExc_ValueError, "output buffers do not match the number of candidates");
+        tl.len != (Py_ssize_t)sizeof(double) * k || rg.len != g.len || cols < 1 || n % cols ||
+        cs.len != (Py_ssize_t)sizeof(double) * (k + 1) * cols) {
+        PyErr_SetString(PyExc_ValueError, "output buffers do not match the number of candidates and columns, or the chunk is not whole rows");
         goto done;
     }
     const void *pp[MAXC];
@@ -167,7 +210,8 @@ static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
         pp[got] = pb[got].buf;
     }
     Py_BEGIN_ALLOW_THREADS
-    fn(n, k, sb.buf, pp, (double *)g.buf, (double *)sm.buf, (int64_t *)ex.buf, (const double *)tl.buf);
+    fn(n, k, sb.buf, pp, (double *)g.buf, (double *)sm.buf, (int64_t *)ex.buf, (const double *)tl.buf, cols,
+       (double *)cs.buf, (double *)rg.buf);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -177,6 +221,8 @@ done:
     PyBuffer_Release(&ex);
     PyBuffer_Release(&tl);
     PyBuffer_Release(&sb);
+    PyBuffer_Release(&cs);
+    PyBuffer_Release(&rg);
     if (!ok) return NULL;
     Py_RETURN_NONE;
 }

@@ -2,9 +2,10 @@
 
 The row carries what a person queries (per-candidate similarity, the blend
 weights with standard errors, residual, R^2, conditioning) and the
-sufficient statistics they came from (`stats_*`), so a verdict, or a user
-with DuckDB, can refit any subset of candidates without reading weights
-again.
+sufficient statistics they came from (`stats_*`: the Gram and sums of the
+difference columns, and the Gram of their row sums and of their column sums
+for the permutation null, see fit.py), so a verdict, or a user with DuckDB,
+can refit any subset of candidates without reading weights again.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ SCHEMA = pa.schema(
         ("stats_sums", pa.list_(pa.float64())),
         ("stats_exact", pa.list_(pa.int64())),
         ("stats_near", pa.list_(pa.int64())),
+        ("stats_cols", pa.int64()),
+        ("stats_rowgram", pa.list_(pa.float64())),
+        ("stats_colgram", pa.list_(pa.float64())),
         ("unit", pa.int64()),
     ]
 )
@@ -101,6 +105,9 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
         "stats_sums": [],
         "stats_exact": [],
         "stats_near": [],
+        "stats_cols": None,
+        "stats_rowgram": [],
+        "stats_colgram": [],
         "unit": unit,
     }
     if error is None and stats is not None and stats.nonfinite:
@@ -119,6 +126,9 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
             stats_sums=stats.sums.tolist(),
             stats_exact=stats.exact,
             stats_near=stats.near,
+            stats_cols=stats.cols,
+            stats_rowgram=stats.rowgram.flatten().tolist(),
+            stats_colgram=stats.colgram.flatten().tolist(),
         )
         b = blend(stats, base=base)
         if b is not None:
@@ -167,5 +177,8 @@ def stats_of(row: dict) -> Stats | None:
             "sums": row["stats_sums"],
             "exact": row["stats_exact"],
             "near": row.get("stats_near") or [],
+            "cols": row.get("stats_cols"),
+            "rowgram": row.get("stats_rowgram"),
+            "colgram": row.get("stats_colgram"),
         }
     )

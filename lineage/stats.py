@@ -6,7 +6,12 @@ float64, the Gram matrix of the columns
     Y = [ r,  p_2 - r, ..., p_k - r,  s - r ]      (r = p_1, the reference)
 
 plus their sums, the element count and, per candidate, how many elements are
-bit-equal to the suspect. Everything the fit reports (cosines, correlations,
+bit-equal to the suspect. Seen as a matrix (rows x cols), it also keeps the
+sums of every row and every column of each Y column: the Gram of the row
+sums (`rowgram`) and the column sums themselves (`colsum`, folded into their
+Gram `colgram` once a tensor is complete). With them `fit.single` measures a
+correlation against its permutation null (rows and columns of one side
+shuffled), which knows about a shared mean row or column; see fit.py. Everything the fit reports (cosines, correlations,
 distances, single-parent and blend fits relative to any candidate as base)
 is a quadratic form in these numbers, so the bytes are read exactly once.
 
@@ -54,6 +59,10 @@ class Stats:
     near: list[int] = field(default_factory=list)  # within storage rounding of the suspect
     nonfinite: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
+    cols: int = 1  # of the matrix the elements come from (rows = n // cols)
+    rowgram: torch.Tensor = field(default=None)  # type: ignore[assignment]  # Gram of per-row sums
+    colsum: torch.Tensor | None = None  # m x cols; None once folded into colgram
+    colgram_: torch.Tensor | None = None  # Gram of per-column sums, when colsum is gone
 
     def __post_init__(self) -> None:
         m = len(self.order) + 1
@@ -61,6 +70,10 @@ class Stats:
             self.gram = torch.zeros(m, m, dtype=torch.float64)
         if self.sums is None:
             self.sums = torch.zeros(m, dtype=torch.float64)
+        if self.rowgram is None:
+            self.rowgram = torch.zeros(m, m, dtype=torch.float64)
+        if self.colsum is None and self.colgram_ is None:
+            self.colsum = torch.zeros(m, self.cols, dtype=torch.float64)
         if not self.exact:
             self.exact = [0] * len(self.order)
         if not self.near:
@@ -70,9 +83,13 @@ class Stats:
         """Add the stats of another row range of the same comparison."""
         if other.order != self.order:
             raise ValueError("cannot merge stats of different candidate orders")
+        if other.cols != self.cols or self.colsum is None or other.colsum is None:
+            raise ValueError("cannot merge stats of different shapes, or already folded")
         self.n += other.n
         self.gram += other.gram
         self.sums += other.sums
+        self.rowgram += other.rowgram
+        self.colsum += other.colsum
         self.exact = [a + b for a, b in zip(self.exact, other.exact)]
         self.near = [a + b for a, b in zip(self.near, other.near)]
         for k, v in other.nonfinite.items():
@@ -80,7 +97,25 @@ class Stats:
         self.bytes_read += other.bytes_read
         return self
 
+    @property
+    def rows(self) -> int:
+        return self.n // self.cols
+
+    @property
+    def colgram(self) -> torch.Tensor:
+        return self.colsum @ self.colsum.T if self.colsum is not None else self.colgram_  # type: ignore[return-value]
+
+    def fold(self) -> Stats:
+        """Replace the column sums by their Gram: small, but no longer mergeable.
+
+        Done for a tensor read whole, so only row ranges of split tensors
+        carry cols floats per column of Y to the reducer."""
+        if self.colsum is not None:
+            self.colgram_, self.colsum = self.colgram, None
+        return self
+
     def to_dict(self) -> dict:
+        """Plain values for the trip from a worker to the reducer (column sums as an array)."""
         return {
             "order": list(self.order),
             "n": self.n,
@@ -90,11 +125,26 @@ class Stats:
             "near": list(self.near),
             "nonfinite": dict(self.nonfinite),
             "bytes_read": self.bytes_read,
+            "cols": self.cols,
+            "rowgram": self.rowgram.flatten().tolist(),
+            "colsum": None if self.colsum is None else self.colsum.numpy().copy(),
+            "colgram": None if self.colgram_ is None else self.colgram_.flatten().tolist(),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> Stats:
+        """Inverse of to_dict; also reads rows written before the row/column sums existed
+        (they then get the structure-free null, see fit.single)."""
         m = len(d["order"]) + 1
+
+        def mat(x) -> torch.Tensor | None:
+            return None if x is None or len(x) == 0 else torch.tensor(np.asarray(x, dtype=np.float64)).reshape(m, -1)
+
+        cols = int(d.get("cols") or 1)
+        colsum, colgram = mat(d.get("colsum")), mat(d.get("colgram"))
+        rowgram = mat(d.get("rowgram"))
+        if rowgram is None:  # no structure recorded: every element its own row
+            cols, colgram = 1, torch.zeros(m, m, dtype=torch.float64)
         return cls(
             order=list(d["order"]),
             n=int(d["n"]),
@@ -104,6 +154,10 @@ class Stats:
             near=[int(x) for x in d.get("near") or []],
             nonfinite=dict(d.get("nonfinite") or {}),
             bytes_read=int(d.get("bytes_read", 0)),
+            cols=cols,
+            rowgram=rowgram,
+            colsum=colsum,
+            colgram_=colgram if colsum is None else None,
         )
 
 
@@ -197,7 +251,9 @@ def _count_nonfinite(st: Stats, order: list[str], xs: list[torch.Tensor]) -> boo
 def _accumulate_torch(
     group: Group, views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str
 ) -> Stats:
-    st = Stats(order)
+    cols = views[0].cols
+    st = Stats(order, cols=cols)
+    colsum = torch.zeros(len(order) + 1, cols, dtype=torch.float64, device=device)
     tols = near_tolerances(views)
     m = len(order) + 1
     for r0, r1 in chunks(ranges, rows_per_chunk(group, chunk_bytes)):
@@ -216,7 +272,12 @@ def _accumulate_torch(
         torch.sub(s.to(torch.float64), ref, out=y[:, m - 1])
         st.gram += (y.T @ y).cpu()
         st.sums += y.sum(0).cpu()
+        by_row = y.view(-1, cols, m)
+        rs = by_row.sum(1)
+        st.rowgram += (rs.T @ rs).cpu()
+        colsum += by_row.sum(0).T
         st.n += s.numel()
+    st.colsum = colsum.cpu()
     return st
 
 
@@ -245,8 +306,8 @@ def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_byte
     """The same statistics through lineage._kernel, reading the next chunk
     on a second thread while the kernel (which releases the GIL) runs."""
     assert _kernel is not None
-    st = Stats(order)
     k, cols = len(order), views[0].cols
+    st = Stats(order, cols=cols)
     raw = _raw_bf16(views)
     itemsize = 2 if raw else 4
     step = max(1, min(chunk_bytes, KERNEL_CHUNK) // (cols * itemsize * (k + 1)))
@@ -260,6 +321,8 @@ def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_byte
 
     gram = np.zeros((k + 1, k + 1))
     sums = np.zeros(k + 1)
+    rowgram = np.zeros((k + 1, k + 1))
+    colsum = np.zeros((k + 1, cols))
     counts = np.zeros(2 * k, dtype=np.int64)
     tols = np.array(near_tolerances(views), dtype=np.float64)
     pool = reader.prefetcher()
@@ -268,7 +331,8 @@ def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_byte
         xs = nxt.result()  # type: ignore[union-attr]
         nxt = pool.submit(load, work[i + 1]) if i + 1 < len(work) else None
         g, sm, ex = np.zeros_like(gram), np.zeros_like(sums), np.zeros_like(counts)
-        fn(g, sm, ex, tols, xs[0], tuple(xs[1:]))
+        rg, cs = np.zeros_like(rowgram), np.zeros_like(colsum)
+        fn(g, sm, ex, tols, xs[0], tuple(xs[1:]), cols, cs, rg)
         if not (np.isfinite(g).all() and np.isfinite(sm).all()):
             ts = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if raw else torch.from_numpy(x) for x in xs]
             _count_nonfinite(st, order, ts)
@@ -276,9 +340,13 @@ def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_byte
         gram += g
         sums += sm
         counts += ex
+        rowgram += rg
+        colsum += cs
         st.n += xs[0].size
     st.gram = torch.from_numpy(gram)
     st.sums = torch.from_numpy(sums)
+    st.rowgram = torch.from_numpy(rowgram)
+    st.colsum = torch.from_numpy(colsum)
     st.exact = [int(e) for e in counts[:k]]
     st.near = [int(e) for e in counts[k:]]
     return st

@@ -5,10 +5,12 @@
   same dtype, the coarser dtype's roundoff across dtypes), over at least
   90% of the suspect's float elements.
 - related: a candidate is related when at least half of the suspect's
-  matrices (ndim >= 2) correlate with it at z >= 6, where z is the centered
-  correlation in units of its null spread 1/sqrt(n) for unrelated tensors.
-  1-D tensors (norms, biases) never decide: the norms of unrelated models
-  sit near 1 and correlate by construction.
+  matrices (ndim >= 2) correlate with it at z >= 6, where z is the
+  covariance in standard deviations of its permutation null (the
+  candidate's rows and columns shuffled: an unrelated matrix with the same
+  row and column structure; fit.py). 1-D tensors (norms, biases) never
+  decide: the norms of unrelated models sit near 1 and correlate by
+  construction.
 - `blend`: at least two related candidates (aliases collapsed) whose affine
   weights are each >= 0.05 with a 95% interval above 0, consistent across
   tensors (weighted SD <= 0.15), and the blend's residual is at most 0.7 of
@@ -54,7 +56,11 @@ MIN_WEIGHT = 0.05
 MAX_SPREAD = 0.15
 SPARSE_NEAR = 0.15  # median fraction of elements within rounding of a parent
 SPARSE_GAIN = 0.9
-NULL = "centered correlation of unrelated tensors of n elements: 0 +- 1/sqrt(n); z = corr * sqrt(n)"
+NULL = (
+    "permutation null: the covariance of suspect and candidate when the candidate's rows and columns are shuffled "
+    "(an unrelated matrix with the same row and column structure), mean 0, sd in closed form from row and column "
+    "sums; z = covariance / sd (1/sqrt(n) of correlation without structure)"
+)
 
 
 @dataclass(frozen=True)

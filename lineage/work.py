@@ -41,6 +41,8 @@ def run_item(
         st = accumulate(
             it.group, reader, chunk_bytes, (it.row0, it.row1), base=base, device=device, sample_fraction=sample_fraction
         )
+        if it.parts == 1:
+            st.fold()
         return ItemResult(it.gid, it.part, it.parts, st.to_dict(), None)
     except LineageError as e:
         return ItemResult(it.gid, it.part, it.parts, None, str(e))

@@ -108,7 +108,15 @@ def test_row_split_stats_merge_exactly(tmp_path):
         merged.merge(p)
     assert merged.n == whole.n
     assert torch.allclose(merged.gram, whole.gram, rtol=1e-12)
-    assert Stats.from_dict(merged.to_dict()).gram.equal(merged.gram)
+    assert torch.allclose(merged.rowgram, whole.rowgram, rtol=1e-12)
+    assert torch.allclose(merged.colgram, whole.colgram, rtol=1e-12)
+    back = Stats.from_dict(merged.to_dict())
+    assert back.gram.equal(merged.gram) and back.colgram.equal(merged.colgram)
+    folded = Stats.from_dict(merged.fold().to_dict())  # what a worker sends for a tensor read whole
+    assert folded.colsum is None and torch.allclose(folded.colgram, whole.colgram, rtol=1e-12)
+    assert single(folded, "p0").z == pytest.approx(single(whole, "p0").z, rel=1e-9)
+    with pytest.raises(ValueError, match="folded"):
+        folded.merge(parts[1])
 
 
 def test_blend_recovers_weights_of_near_collinear_parents(tmp_path):
@@ -187,6 +195,13 @@ def test_kernel_and_torch_engines_agree(tmp_path, dtypes):
     assert a.n == b.n == 301 * 77 and a.exact == b.exact and a.near == b.near
     assert torch.allclose(a.gram, b.gram, rtol=1e-11, atol=1e-11 * float(b.gram.abs().max()))
     assert torch.allclose(a.sums, b.sums, rtol=1e-9, atol=1e-9 * float(b.sums.abs().max()))
+    assert torch.allclose(a.rowgram, b.rowgram, rtol=1e-11, atol=1e-11 * float(b.rowgram.abs().max()))
+    assert torch.allclose(a.colsum, b.colsum, rtol=1e-9, atol=1e-9 * float(b.colsum.abs().max()))
+    # and they are the row and column sums of the Y columns, checked against the matrices themselves
+    y = [xs[1].double(), *[x.double() - xs[1].double() for x in xs[2:]], xs[0].double() - xs[1].double()]
+    assert torch.allclose(b.colsum, torch.stack([c.sum(0) for c in y]), rtol=1e-9, atol=1e-9)
+    rs = torch.stack([c.sum(1) for c in y])
+    assert torch.allclose(b.rowgram, rs @ rs.T, rtol=1e-10, atol=1e-8)
 
 
 def test_kernel_counts_nonfinite(tmp_path):
@@ -207,3 +222,39 @@ def test_sampled_ranges_are_deterministic_and_proportional():
     assert sum(b - a for a, b in tenth) == 1000
     assert sample_ranges(0, 10000, 10, 0.1, "u") != tenth  # phase depends on the tensor
     assert sum(b - a for a, b in sample_ranges(0, 5, 10, 0.01, "t")) == 5  # at least one block
+
+
+def _trained_like(rows: int, cols: int, shared: torch.Tensor, seed: int) -> torch.Tensor:
+    """Independent elements plus a strong row-structured part: `shared` picks the rows
+    (never-seen tokens of an output head) that all move along one model-specific direction."""
+    g = torch.Generator().manual_seed(seed)
+    direction = torch.randn(cols, generator=g)
+    return 0.2 * torch.randn(rows, cols, generator=g) + shared[:, None] * direction[None, :]
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_permutation_null_holds_where_the_structure_free_null_fails(tmp_path, aligned):
+    """Unrelated pairs whose rows move together along a model-specific direction (output
+    heads: never-seen tokens). The structure-free z (corr * sqrt(n)) spreads far beyond
+    N(0, 1); the permutation-null z is N(0, 1) when each model has its own such rows, and
+    its sd stays under 1.6 in the worst case, the same rows in both (one tokenizer), which
+    shuffling rows cannot know about (README, Evaluation). A real derivative stays far
+    above the threshold."""
+    rows, cols = 400, 48
+    old, new = [], []
+    for seed in range(32):
+        gen = torch.Generator().manual_seed(1 if aligned else 1000 + seed)
+        shared = [(torch.rand(rows, generator=gen) < 0.7).float() for _ in range(2)]
+        if aligned:
+            shared[1] = shared[0]
+        a, b = _trained_like(rows, cols, shared[0], 2 * seed), _trained_like(rows, cols, shared[1], 2 * seed + 1)
+        st = _stats(tmp_path, a, [b])
+        sg = single(st, "p0")
+        old.append(sg.corr * math.sqrt(st.n))
+        new.append(sg.z)
+    sd = lambda v: math.sqrt(sum(x * x for x in v) / len(v))  # noqa: E731
+    assert sd(old) > 4, sd(old)
+    assert (sd(new) < 1.6) if aligned else (0.6 < sd(new) < 1.4), sd(new)
+    parent = _trained_like(rows, cols, shared[0], 99)
+    st = _stats(tmp_path, parent + 0.1 * torch.randn(rows, cols), [parent])
+    assert single(st, "p0").z > 6
