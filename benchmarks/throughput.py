@@ -103,9 +103,9 @@ def child_read(root: Path) -> dict:
     return {"seconds": time.perf_counter() - t, "bytes": total, "peak_mb": status_kb("VmHWM") / 1024}
 
 
-def child_fit(root: Path, engine: str, sample: float = 1.0) -> dict:
-    """(b): every tensor's statistics on one worker, as a Ray task runs them."""
-    torch.set_num_threads(1)
+def child_fit(root: Path, engine: str, sample: float = 1.0, threads: int = 1) -> dict:
+    """(b): every tensor's statistics on one worker, as a Ray task given `threads` CPUs runs them."""
+    torch.set_num_threads(threads)
     from lineage.stats import accumulate
     from lineage.views import Reader
 
@@ -113,7 +113,7 @@ def child_fit(root: Path, engine: str, sample: float = 1.0) -> dict:
     t = time.perf_counter()
     with Reader() as r:
         for g in groups:
-            accumulate(g, r, 64 << 20, engine=engine, sample_fraction=sample)
+            accumulate(g, r, 64 << 20, engine=engine, sample_fraction=sample, threads=threads)
         nbytes = r.bytes_read
     return {"seconds": time.perf_counter() - t, "bytes": nbytes, "peak_mb": status_kb("VmHWM") / 1024}
 
@@ -230,7 +230,8 @@ def main() -> None:
     if a.child:
         what, root = a.child[0], Path(a.child[1])
         res = {"read": lambda: child_read(root), "naive": lambda: child_naive(root)}.get(what)
-        print(json.dumps(res() if res else child_fit(root, what, float(a.child[2]) if len(a.child) > 2 else 1.0)))
+        extra = [float(a.child[2]) if len(a.child) > 2 else 1.0, int(a.child[3]) if len(a.child) > 3 else 1]
+        print(json.dumps(res() if res else child_fit(root, what, extra[0], int(extra[1]))))
         return
     for layers in a.layers:
         root = build(Path(a.dir) / f"trio-{layers}L", layers)

@@ -13,13 +13,15 @@
  * up to storage rounding, the mark sparse merges such as TIES and DARE
  * leave where a delta was dropped). This is
  * what lineage/stats.py computes with torch; doing it here reads each byte
- * once and keeps every intermediate in registers, so the fit runs at a good
+ * once and keeps every intermediate in registers (one fused step per LANES
+ * elements, specialised per candidate count), so the fit runs at a good
  * fraction of the speed of reading the file instead of a tenth of it.
  *
  * Numerics: inputs are decoded to float32 exactly (BF16 and F16 are subsets
  * of float32), differences are taken in float64, products and sums are
- * accumulated in float64 in blocks of BLOCK elements with LANES independent
- * partial sums per entry, then added to the running totals. The order of
+ * accumulated in float64 in blocks of at most BLOCK elements of one row with
+ * LANES independent partial sums per entry, then added to the running
+ * totals. The order of
  * every addition is fixed by this code, so results do not depend on the
  * CPU, the thread count or the vector width.
  *
@@ -39,146 +41,235 @@
 #include <string.h>
 
 #define MAXC 8      /* candidates per call */
-#define BLOCK 256   /* elements per block */
-#define LANES 8     /* independent partial sums: vectorisable without reassociation */
+#define BLOCK 256   /* elements per block (a block never crosses a row) */
+#define LANES 8     /* independent partial sums per accumulator */
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = ((uint32_t)h) << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
+/*
+ * GCC vector types of 8 and 4 lanes. A LANES-lane accumulator is one 8-lane
+ * vector (one AVX-512 register) or two 4-lane ones (AVX2, SSE2, other
+ * CPUs): the arithmetic per lane, and the order in which the lanes are
+ * added, are the same on every path. Each path uses only vectors its CPU
+ * has, which keeps GCC from the generic lowering it uses for wider ones
+ * (which turns comparisons into scalar code).
+ */
+#define VTYPES(W)                                                        \
+    typedef double vd##W __attribute__((vector_size(W * 8)));            \
+    typedef float vf##W __attribute__((vector_size(W * 4)));             \
+    typedef int64_t vl##W __attribute__((vector_size(W * 8)));           \
+    typedef int32_t vi##W __attribute__((vector_size(W * 4)));           \
+    typedef uint32_t vu##W __attribute__((vector_size(W * 4)));          \
+    typedef uint16_t vh##W __attribute__((vector_size(W * 2)));
+VTYPES(8)
+VTYPES(4)
 
-static inline double lane_sum(const double *acc) {
-    double w = 0.0;
-    for (int l = 0; l < LANES; l++) w += acc[l];
-    return w;
-}
+/* W elements at P (BF16 bits or float32) into the float vector OUT. */
+#define LOAD_BF16(W, P, OUT)                                             \
+    {                                                                    \
+        vh##W h_;                                                        \
+        memcpy(&h_, (P), sizeof h_);                                     \
+        vu##W u_ = __builtin_convertvector(h_, vu##W) << 16;             \
+        memcpy(&(OUT), &u_, sizeof(OUT));                                \
+    }
+#define LOAD_F32(W, P, OUT) memcpy(&(OUT), (P), sizeof(OUT))
+#define VABS(W, X)                                                       \
+    ({                                                                   \
+        vl##W b_;                                                        \
+        vd##W x_ = (X);                                                  \
+        memcpy(&b_, &x_, sizeof b_);                                     \
+        b_ &= (vl##W){0} + INT64_MAX;                                    \
+        memcpy(&x_, &b_, sizeof x_);                                     \
+        x_;                                                              \
+    })
 
-/* One block: decode, difference, accumulate. `load` picks the input type. */
-#define KERNEL_BODY(LOAD)                                                        \
-    double racc[MAXC + 1][LANES] = {{0}};                                        \
-    for (Py_ssize_t b0 = 0; b0 < n; b0 += BLOCK) {                               \
-        Py_ssize_t len = n - b0 < BLOCK ? n - b0 : BLOCK;                        \
-        double y[MAXC + 1][BLOCK];                                               \
-        float sfb[BLOCK];                                                        \
-        for (Py_ssize_t i = 0; i < len; i++) sfb[i] = LOAD(s, b0 + i);           \
-        {                                                                        \
-            int64_t eq = 0;                                                      \
-            for (Py_ssize_t i = 0; i < len; i++) {                               \
-                float rf = LOAD(p[0], b0 + i);                                   \
-                eq += (sfb[i] == rf);                                            \
-                y[0][i] = (double)rf;                                            \
-            }                                                                    \
-            exact[0] += eq;                                                      \
-        }                                                                        \
-        for (int j = 1; j < k; j++) {                                            \
-            const void *pj = p[j];                                               \
-            int64_t eq = 0;                                                      \
-            for (Py_ssize_t i = 0; i < len; i++) {                               \
-                float pf = LOAD(pj, b0 + i);                                     \
-                eq += (sfb[i] == pf);                                            \
-                y[j][i] = (double)pf - y[0][i];                                  \
-            }                                                                    \
-            exact[j] += eq;                                                      \
-        }                                                                        \
-        for (Py_ssize_t i = 0; i < len; i++) y[k][i] = (double)sfb[i] - y[0][i]; \
-        {                                                                        \
-            int64_t nr = 0;                                                      \
-            double tau = tols[0];                                                \
-            for (Py_ssize_t i = 0; i < len; i++)                                 \
-                nr += fabs(y[k][i]) <= tau * fabs(y[0][i]);                      \
-            exact[k] += nr;                                                      \
-        }                                                                        \
-        for (int j = 1; j < k; j++) {                                            \
-            int64_t nr = 0;                                                      \
-            double tau = tols[j];                                                \
-            for (Py_ssize_t i = 0; i < len; i++)                                 \
-                nr += fabs(y[k][i] - y[j][i]) <= tau * fabs(y[0][i] + y[j][i]);  \
-            exact[k + j] += nr;                                                  \
-        }                                                                        \
-        for (Py_ssize_t i = len; i < ((len + LANES - 1) / LANES) * LANES; i++)   \
-            for (int j = 0; j <= k; j++) y[j][i] = 0.0;                          \
-        Py_ssize_t lanes_len = ((len + LANES - 1) / LANES) * LANES;              \
-        for (Py_ssize_t i = 0; i < len;) {                                       \
-            Py_ssize_t c0 = (b0 + i) % cols;                                     \
-            Py_ssize_t seg = cols - c0 < len - i ? cols - c0 : len - i;          \
-            for (int a = 0; a <= k; a++) {                                       \
-                double *restrict cs = colsum + (Py_ssize_t)a * cols + c0;        \
-                const double *restrict ya = y[a] + i;                            \
-                double *restrict ra = racc[a];                                   \
-                Py_ssize_t t = 0;                                                \
-                for (; t + LANES <= seg; t += LANES)                             \
-                    for (int l = 0; l < LANES; l++) {                            \
-                        cs[t + l] += ya[t + l];                                  \
-                        ra[l] += ya[t + l];                                      \
-                    }                                                            \
-                for (; t < seg; t++) {                                           \
-                    cs[t] += ya[t];                                              \
-                    ra[0] += ya[t];                                              \
-                }                                                                \
-            }                                                                    \
-            i += seg;                                                            \
-            if (c0 + seg == cols) { /* a row is complete */                      \
-                double rs[MAXC + 1];                                             \
-                for (int a = 0; a <= k; a++) {                                   \
-                    rs[a] = lane_sum(racc[a]);                                   \
-                    for (int l = 0; l < LANES; l++) racc[a][l] = 0.0;            \
-                }                                                                \
-                for (int a = 0; a <= k; a++)                                     \
-                    for (int c = a; c <= k; c++) rowgram[a * m + c] += rs[a] * rs[c]; \
-            }                                                                    \
-        }                                                                        \
-        for (int a = 0; a <= k; a++) {                                           \
-            double acc_s[LANES] = {0};                                           \
-            for (Py_ssize_t i = 0; i < lanes_len; i += LANES)                    \
-                for (int l = 0; l < LANES; l++) acc_s[l] += y[a][i + l];         \
-            sums[a] += lane_sum(acc_s);                                          \
-            for (int c = a; c <= k; c++) {                                       \
-                double acc[LANES] = {0};                                         \
-                for (Py_ssize_t i = 0; i < lanes_len; i += LANES)                \
-                    for (int l = 0; l < LANES; l++)                              \
-                        acc[l] += y[a][i + l] * y[c][i + l];                     \
-                gram[a * m + c] += lane_sum(acc);                                \
-            }                                                                    \
-        }                                                                        \
-    }                                                                            \
-    for (int a = 0; a <= k; a++)                                                 \
-        for (int c = 0; c < a; c++) {                                            \
-            gram[a * m + c] = gram[c * m + a];                                   \
-            rowgram[a * m + c] = rowgram[c * m + a];                             \
-        }
+/*
+ * One step of LANES elements as NH = LANES / W vectors of W: decode,
+ * difference, count, accumulate, in registers where the CPU has enough (K
+ * is a compile-time constant, so every loop over candidates and Gram
+ * entries unrolls). Inputs are T elements at SP and PP[j]. `WR` lanes are
+ * real; the others were zero-padded by the caller and only colsum needs to
+ * skip them (zeros add nothing to sums and products; the counts they add
+ * are taken back at the end of the call).
+ */
+#define STEP(K, T, LOAD, W, SP, PP, WR)                                                          \
+    for (int h = 0; h < LANES / W; h++) {                                                        \
+        vd##W y[K + 1];                                                                          \
+        vf##W sf, pf;                                                                            \
+        LOAD(W, (const T *)(SP) + h * W, sf);                                                    \
+        LOAD(W, (const T *)(PP)[0] + h * W, pf);                                                 \
+        eqv[0][h] -= (vi##W)(sf == pf);                                                          \
+        y[0] = __builtin_convertvector(pf, vd##W);                                               \
+        for (int j = 1; j < K; j++) {                                                            \
+            LOAD(W, (const T *)(PP)[j] + h * W, pf);                                             \
+            eqv[j][h] -= (vi##W)(sf == pf);                                                      \
+            y[j] = __builtin_convertvector(pf, vd##W) - y[0];                                    \
+        }                                                                                        \
+        y[K] = __builtin_convertvector(sf, vd##W) - y[0];                                        \
+        nrv[0][h] -= __builtin_convertvector((vl##W)(VABS(W, y[K]) <= tau[0] * VABS(W, y[0])), vi##W); \
+        for (int j = 1; j < K; j++)                                                              \
+            nrv[j][h] -= __builtin_convertvector((vl##W)(VABS(W, y[K] - y[j]) <= tau[j] * VABS(W, y[0] + y[j])), vi##W); \
+        for (int a = 0; a <= K; a++) sa[a][h] += y[a];                                           \
+        {                                                                                        \
+            int e = 0;                                                                           \
+            for (int a = 0; a <= K; a++)                                                         \
+                for (int c = a; c <= K; c++, e++) ga[e][h] += y[a] * y[c];                       \
+        }                                                                                        \
+        if ((WR) == LANES) {                                                                     \
+            for (int a = 0; a <= K; a++) {                                                       \
+                vd##W t;                                                                         \
+                memcpy(&t, cs + a * cols + h * W, sizeof t);                                     \
+                t += y[a];                                                                       \
+                memcpy(cs + a * cols + h * W, &t, sizeof t);                                     \
+            }                                                                                    \
+        } else {                                                                                 \
+            for (int a = 0; a <= K; a++)                                                         \
+                for (int l = 0; l < W && h * W + l < (WR); l++) cs[a * cols + h * W + l] += y[a][l]; \
+        }                                                                                        \
+    }
 
+/* The LANES partial sums of accumulator X, added in lane order. */
+#define VSUM(W, X)                                                       \
+    ({                                                                   \
+        double w_ = 0.0;                                                 \
+        for (int h_ = 0; h_ < LANES / W; h_++)                           \
+            for (int l_ = 0; l_ < W; l_++) w_ += (X)[h_][l_];            \
+        w_;                                                              \
+    })
 
-#define LOAD_BF16(ptr, i) bf16_to_f32(((const uint16_t *)(ptr))[i])
-#define LOAD_F32(ptr, i) (((const float *)(ptr))[i])
+/*
+ * The kernel for K candidates over element type T with W-lane vectors.
+ * Rows are walked in blocks of at most BLOCK elements; each block's lane
+ * partial sums are added to the running totals at its end, and its sum of
+ * y (the block's part of the row sum) also to the row's sums, whose outer
+ * product goes to rowgram when the row ends.
+ */
+#define DEFINE_KERNEL(NAME, K, T, LOAD, W, ATTR)                                                 \
+    ATTR static void NAME(Py_ssize_t n, const void *s, const void **p, double *gram, double *sums, \
+                          int64_t *counts, const double *tols, Py_ssize_t cols, double *restrict colsum, \
+                          double *rowgram) {                                                     \
+        enum { M = K + 1, NG = (K + 1) * (K + 2) / 2, NH = LANES / W };                          \
+        vd##W tau[K];                                                                            \
+        vi##W eqv[K][NH], nrv[K][NH]; /* int32 lanes: n < 2^31 per call (checked) */             \
+        int64_t pad = 0;                                                                         \
+        for (int j = 0; j < K; j++) {                                                            \
+            tau[j] = (vd##W){0} + tols[j];                                                       \
+            for (int h = 0; h < NH; h++) eqv[j][h] = nrv[j][h] = (vi##W){0};                     \
+        }                                                                                        \
+        for (Py_ssize_t row0 = 0; row0 < n; row0 += cols) {                                      \
+            double rs[M];                                                                        \
+            for (int a = 0; a < M; a++) rs[a] = 0.0;                                             \
+            for (Py_ssize_t c0 = 0; c0 < cols; c0 += BLOCK) {                                    \
+                Py_ssize_t len = cols - c0 < BLOCK ? cols - c0 : BLOCK;                          \
+                Py_ssize_t full = len / LANES * LANES;                                           \
+                vd##W ga[NG][NH], sa[M][NH];                                                     \
+                for (int h = 0; h < NH; h++) {                                                   \
+                    for (int e = 0; e < NG; e++) ga[e][h] = (vd##W){0};                          \
+                    for (int a = 0; a < M; a++) sa[a][h] = (vd##W){0};                           \
+                }                                                                                \
+                for (Py_ssize_t i = 0; i < full; i += LANES) {                                   \
+                    Py_ssize_t at = row0 + c0 + i;                                               \
+                    const void *pp[K];                                                           \
+                    for (int j = 0; j < K; j++) pp[j] = (const T *)p[j] + at;                    \
+                    double *cs = colsum + c0 + i;                                                \
+                    STEP(K, T, LOAD, W, (const T *)s + at, pp, LANES)                            \
+                }                                                                                \
+                if (full < len) { /* the row's last few elements, zero-padded */                 \
+                    Py_ssize_t at = row0 + c0 + full, wr = len - full;                           \
+                    T sb[LANES], pb[K][LANES];                                                   \
+                    const void *pp[K];                                                           \
+                    memset(sb, 0, sizeof sb);                                                    \
+                    memset(pb, 0, sizeof pb);                                                    \
+                    memcpy(sb, (const T *)s + at, wr * sizeof(T));                               \
+                    for (int j = 0; j < K; j++) {                                                \
+                        memcpy(pb[j], (const T *)p[j] + at, wr * sizeof(T));                     \
+                        pp[j] = pb[j];                                                           \
+                    }                                                                            \
+                    double *cs = colsum + c0 + full;                                             \
+                    STEP(K, T, LOAD, W, sb, pp, wr)                                              \
+                    pad += LANES - wr;                                                           \
+                }                                                                                \
+                {                                                                                \
+                    int e = 0;                                                                   \
+                    for (int a = 0; a < M; a++) {                                                \
+                        double t = VSUM(W, sa[a]);                                               \
+                        sums[a] += t;                                                            \
+                        rs[a] += t;                                                              \
+                        for (int c = a; c < M; c++, e++) gram[a * M + c] += VSUM(W, ga[e]);      \
+                    }                                                                            \
+                }                                                                                \
+            }                                                                                    \
+            for (int a = 0; a < M; a++)                                                          \
+                for (int c = a; c < M; c++) rowgram[a * M + c] += rs[a] * rs[c];                 \
+        }                                                                                        \
+        for (int a = 0; a < M; a++)                                                              \
+            for (int c = 0; c < a; c++) {                                                        \
+                gram[a * M + c] = gram[c * M + a];                                               \
+                rowgram[a * M + c] = rowgram[c * M + a];                                         \
+            }                                                                                    \
+        for (int j = 0; j < K; j++) {                                                            \
+            int64_t eq = -pad, nr = -pad;                                                        \
+            for (int h = 0; h < NH; h++)                                                         \
+                for (int l = 0; l < W; l++) {                                                    \
+                    eq += eqv[j][h][l];                                                          \
+                    nr += nrv[j][h][l];                                                          \
+                }                                                                                \
+            counts[j] += eq;                                                                     \
+            counts[K + j] += nr;                                                                 \
+        }                                                                                        \
+    }
 
+typedef void (*kernel_fn)(Py_ssize_t, const void *, const void **, double *, double *, int64_t *, const double *,
+                          Py_ssize_t, double *, double *);
+
+/* One family: kernels for 1..MAXC candidates, BF16 and float32, and their tables. */
+#define FAMILY(PFX, W, ATTR)                                                                     \
+    DEFINE_KERNEL(PFX##_bf16_1, 1, uint16_t, LOAD_BF16, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_2, 2, uint16_t, LOAD_BF16, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_3, 3, uint16_t, LOAD_BF16, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_4, 4, uint16_t, LOAD_BF16, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_5, 5, uint16_t, LOAD_BF16, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_6, 6, uint16_t, LOAD_BF16, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_7, 7, uint16_t, LOAD_BF16, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_8, 8, uint16_t, LOAD_BF16, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_f32_1, 1, float, LOAD_F32, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_2, 2, float, LOAD_F32, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_3, 3, float, LOAD_F32, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_4, 4, float, LOAD_F32, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_5, 5, float, LOAD_F32, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_6, 6, float, LOAD_F32, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_7, 7, float, LOAD_F32, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_8, 8, float, LOAD_F32, W, ATTR)                                      \
+    static const kernel_fn PFX##_BF16[MAXC + 1] = {NULL,          PFX##_bf16_1, PFX##_bf16_2,    \
+                                                   PFX##_bf16_3,  PFX##_bf16_4, PFX##_bf16_5,    \
+                                                   PFX##_bf16_6,  PFX##_bf16_7, PFX##_bf16_8};   \
+    static const kernel_fn PFX##_F32[MAXC + 1] = {NULL,         PFX##_f32_1, PFX##_f32_2,        \
+                                                  PFX##_f32_3,  PFX##_f32_4, PFX##_f32_5,        \
+                                                  PFX##_f32_6,  PFX##_f32_7, PFX##_f32_8};
+
+FAMILY(generic, 4, )
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-/* Wider vectors where the CPU has them; the same additions in the same
- * order on every path (-ffp-contract=off keeps FMA from changing roundings). */
-#define MULTIVERSION __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
-#else
-#define MULTIVERSION
+/* -ffp-contract=off (setup) keeps FMA from changing roundings on these paths. */
+#define X86_WIDE 1
+FAMILY(avx2, 4, __attribute__((target("avx2"))))
+FAMILY(avx512, 8, __attribute__((target("arch=skylake-avx512"))))
 #endif
 
-MULTIVERSION
-static void kernel_bf16(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact, const double *tols,
-                        Py_ssize_t cols, double *colsum, double *rowgram) {
-    int m = k + 1;
-    KERNEL_BODY(LOAD_BF16)
+/* Set at import from what this CPU supports. */
+static const kernel_fn *BF16 = generic_BF16, *F32 = generic_F32;
+static const char *PATH = "generic (4-lane vectors)";
+
+static void choose_path(void) {
+#ifdef X86_WIDE
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl")) {
+        BF16 = avx512_BF16, F32 = avx512_F32, PATH = "avx512 (8-lane vectors)";
+    } else if (__builtin_cpu_supports("avx2")) {
+        BF16 = avx2_BF16, F32 = avx2_F32, PATH = "avx2 (4-lane vectors)";
+    }
+#endif
 }
 
-MULTIVERSION
-static void kernel_f32(Py_ssize_t n, int k, const void *s, const void **p, double *gram, double *sums, int64_t *exact, const double *tols,
-                       Py_ssize_t cols, double *colsum, double *rowgram) {
-    int m = k + 1;
-    KERNEL_BODY(LOAD_F32)
-}
-
-typedef void (*kernel_fn)(Py_ssize_t, int, const void *, const void **, double *, double *, int64_t *, const double *, Py_ssize_t,
-                          double *, double *);
-
-static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
+static PyObject *run(PyObject *args, Py_ssize_t itemsize, const kernel_fn *table) {
     Py_buffer g = {0}, sm = {0}, ex = {0}, tl = {0}, sb = {0}, cs = {0}, rg = {0}, pb[MAXC];
     PyObject *cands;
     Py_ssize_t cols = 0;
@@ -194,7 +285,7 @@ static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
     Py_ssize_t n = sb.len / itemsize;
     if (sb.len % itemsize || g.len != (Py_ssize_t)sizeof(double) * (k + 1) * (k + 1) ||
         sm.len != (Py_ssize_t)sizeof(double) * (k + 1) || ex.len != (Py_ssize_t)sizeof(int64_t) * 2 * k ||
-        tl.len != (Py_ssize_t)sizeof(double) * k || rg.len != g.len || cols < 1 || n % cols ||
+        tl.len != (Py_ssize_t)sizeof(double) * k || rg.len != g.len || cols < 1 || n % cols || n >= ((Py_ssize_t)1 << 31) ||
         cs.len != (Py_ssize_t)sizeof(double) * (k + 1) * cols) {
         PyErr_SetString(PyExc_ValueError, "output buffers do not match the number of candidates and columns, or the chunk is not whole rows");
         goto done;
@@ -210,8 +301,8 @@ static PyObject *run(PyObject *args, Py_ssize_t itemsize, kernel_fn fn) {
         pp[got] = pb[got].buf;
     }
     Py_BEGIN_ALLOW_THREADS
-    fn(n, k, sb.buf, pp, (double *)g.buf, (double *)sm.buf, (int64_t *)ex.buf, (const double *)tl.buf, cols,
-       (double *)cs.buf, (double *)rg.buf);
+    table[k](n, sb.buf, pp, (double *)g.buf, (double *)sm.buf, (int64_t *)ex.buf, (const double *)tl.buf, cols,
+             (double *)cs.buf, (double *)rg.buf);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -227,15 +318,20 @@ done:
     Py_RETURN_NONE;
 }
 
-static PyObject *accumulate_bf16(PyObject *self, PyObject *args) { return run(args, 2, kernel_bf16); }
-static PyObject *accumulate_f32(PyObject *self, PyObject *args) { return run(args, 4, kernel_f32); }
+static PyObject *accumulate_bf16(PyObject *self, PyObject *args) { return run(args, 2, BF16); }
+static PyObject *path(PyObject *self, PyObject *args) { return PyUnicode_FromString(PATH); }
+static PyObject *accumulate_f32(PyObject *self, PyObject *args) { return run(args, 4, F32); }
 
 static PyMethodDef methods[] = {
     {"accumulate_bf16", accumulate_bf16, METH_VARARGS, "Add one chunk of BF16 bits to gram, sums, exact."},
     {"accumulate_f32", accumulate_f32, METH_VARARGS, "Add one chunk of float32 values to gram, sums, exact."},
+    {"path", path, METH_NOARGS, "Which vector path this CPU runs."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", "lineage's streaming fit kernel", -1, methods};
 
-PyMODINIT_FUNC PyInit__kernel(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernel(void) {
+    choose_path();
+    return PyModule_Create(&module);
+}

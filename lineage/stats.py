@@ -34,7 +34,9 @@ workers and the partial stats summed exactly (up to float64 addition order).
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import torch
@@ -213,6 +215,7 @@ def accumulate(
     device: str = "cpu",
     sample_fraction: float = 1.0,
     engine: str = "auto",
+    threads: int = 1,
 ) -> Stats:
     """Stream rows `rows` (default all) of every side of `group` into Stats.
 
@@ -221,6 +224,8 @@ def accumulate(
     `engine`: "kernel" (lineage._kernel, CPU only), "torch", or "auto" (the
     kernel where it applies). On `device="cuda"` the torch float64
     arithmetic runs on the GPU (float64 keeps TF32 out of the picture).
+    `threads`: kernel threads (the cores the worker was given); the result
+    does not depend on it.
     """
     assert group.view is not None
     a, b = rows if rows is not None else (0, group.view.rows)
@@ -230,7 +235,7 @@ def accumulate(
     use_kernel = engine == "kernel" or (engine == "auto" and device == "cpu" and kernel_applies(views))
     before = reader.bytes_read
     if use_kernel:
-        st = _accumulate_kernel(views, order, reader, chunk_bytes, ranges)
+        st = _accumulate_kernel(views, order, reader, chunk_bytes, ranges, threads)
     else:
         st = _accumulate_torch(group, views, order, reader, chunk_bytes, ranges, device)
     st.bytes_read = reader.bytes_read - before
@@ -281,9 +286,18 @@ def _accumulate_torch(
     return st
 
 
-#: Bytes of raw input per kernel call, all sides together: small enough to
-#: stay in cache between the read that fills it and the kernel that uses it.
-KERNEL_CHUNK = 2 << 20
+#: Bytes of raw input per read, all sides together: small enough to stay in
+#: cache between the read that fills it and the kernel calls that use it.
+KERNEL_CHUNK = 4 << 20
+#: Each read chunk goes to the kernel as this many row ranges, whatever the
+#: thread count, so the order of float64 additions (and the result) does not
+#: depend on how many threads ran them.
+KERNEL_SPLIT = 2
+
+
+@cache
+def _kernel_pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lineage-fit")
 
 
 def near_tolerances(views: list) -> list[float]:
@@ -302,47 +316,68 @@ def _raw_bf16(views: list) -> bool:
     return all(seg.dtype == "BF16" for v in views for seg in v.segments)
 
 
-def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges) -> Stats:
-    """The same statistics through lineage._kernel, reading the next chunk
-    on a second thread while the kernel (which releases the GIL) runs."""
+def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, threads: int = 1) -> Stats:
+    """The same statistics through lineage._kernel (which releases the GIL).
+
+    Every read chunk is cut into KERNEL_SPLIT row pieces, and the pieces'
+    statistics are added in piece order whatever ran them, so the result
+    does not depend on `threads`. One thread: a second one reads the next
+    chunk while the kernel runs. Several: each reads and fits whole pieces
+    (reading is a memory copy from the page cache, as much CPU work as
+    fitting, so it is shared rather than left to one thread).
+    """
     assert _kernel is not None
     k, cols = len(order), views[0].cols
     st = Stats(order, cols=cols)
     raw = _raw_bf16(views)
     itemsize = 2 if raw else 4
     step = max(1, min(chunk_bytes, KERNEL_CHUNK) // (cols * itemsize * (k + 1)))
-    work = chunks(ranges, step)
     fn = _kernel.accumulate_bf16 if raw else _kernel.accumulate_f32
-
-    def load(r: tuple[int, int]) -> list[np.ndarray]:
-        if raw:
-            return [np.frombuffer(reader.read_raw(v, *r), dtype=np.uint16) for v in views]
-        return [reader.read(v, *r).reshape(-1).numpy() for v in views]
-
-    gram = np.zeros((k + 1, k + 1))
-    sums = np.zeros(k + 1)
-    rowgram = np.zeros((k + 1, k + 1))
-    colsum = np.zeros((k + 1, cols))
-    counts = np.zeros(2 * k, dtype=np.int64)
     tols = np.array(near_tolerances(views), dtype=np.float64)
-    pool = reader.prefetcher()
-    nxt = pool.submit(load, work[0]) if work else None
-    for i in range(len(work)):
-        xs = nxt.result()  # type: ignore[union-attr]
-        nxt = pool.submit(load, work[i + 1]) if i + 1 < len(work) else None
-        g, sm, ex = np.zeros_like(gram), np.zeros_like(sums), np.zeros_like(counts)
-        rg, cs = np.zeros_like(rowgram), np.zeros_like(colsum)
-        fn(g, sm, ex, tols, xs[0], tuple(xs[1:]), cols, cs, rg)
-        if not (np.isfinite(g).all() and np.isfinite(sm).all()):
-            ts = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if raw else torch.from_numpy(x) for x in xs]
+    work = chunks(ranges, step)
+
+    def load(r0: int, r1: int, slot: int) -> list[np.ndarray]:
+        if raw:  # into reused buffers: `slot` alternates so a read never lands in the buffer being fitted
+            nb = (r1 - r0) * cols * 2
+            bufs = [reader.scratch(2 * j + slot, nb) for j in range(len(views))]
+            return [np.frombuffer(reader.read_raw(v, r0, r1, b), dtype=np.uint16) for v, b in zip(views, bufs)]
+        return [reader.read(v, r0, r1).reshape(-1).numpy() for v in views]
+
+    def fit(xs: list[np.ndarray]) -> tuple[np.ndarray, ...] | list[np.ndarray]:
+        """Stats arrays of one piece; its inputs instead if they hold non-finite values."""
+        out = (np.zeros((k + 1, k + 1)), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64))
+        rg, cs = np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols))
+        fn(*out, tols, xs[0], tuple(xs[1:]), cols, cs, rg)
+        if not (np.isfinite(out[0]).all() and np.isfinite(out[1]).all()):
+            return [x.copy() for x in xs]
+        return (*out, rg, cs, xs[0].size)
+
+    def cut(r0: int, r1: int) -> list[tuple[int, int]]:
+        cuts = [r0 + (r1 - r0) * j // KERNEL_SPLIT for j in range(KERNEL_SPLIT + 1)]
+        return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+    results: list = []
+    if threads > 1:
+        pieces = [ab for r in work for ab in cut(*r)]
+        results = list(_kernel_pool(threads).map(lambda ab: fit(load(*ab, 0)), pieces))
+    else:
+        pool = reader.prefetcher()
+        nxt = pool.submit(load, *work[0], 0) if work else None
+        for i, (r0, r1) in enumerate(work):
+            xs = nxt.result()  # type: ignore[union-attr]
+            nxt = pool.submit(load, *work[i + 1], (i + 1) % 2) if i + 1 < len(work) else None
+            results += [fit([x[(a - r0) * cols : (b - r0) * cols] for x in xs]) for a, b in cut(r0, r1)]
+    totals = [np.zeros((k + 1, k + 1)), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64)]
+    totals += [np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols))]
+    for res in results:  # in piece order
+        if isinstance(res, list):
+            ts = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if raw else torch.from_numpy(x) for x in res]
             _count_nonfinite(st, order, ts)
             continue
-        gram += g
-        sums += sm
-        counts += ex
-        rowgram += rg
-        colsum += cs
-        st.n += xs[0].size
+        for t, v in zip(totals, res[:-1]):
+            t += v
+        st.n += res[-1]
+    gram, sums, counts, rowgram, colsum = totals
     st.gram = torch.from_numpy(gram)
     st.sums = torch.from_numpy(sums)
     st.rowgram = torch.from_numpy(rowgram)

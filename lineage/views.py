@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,6 +148,8 @@ class Reader:
         self.bytes_read = 0
         self.retried = 0
         self._pool: ThreadPoolExecutor | None = None
+        self._scratch: dict[tuple[int, int], bytearray] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> Reader:
         return self
@@ -166,13 +169,14 @@ class Reader:
         self._fds.clear()
 
     def _fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            if len(self._fds) >= self._max_open:
-                self._close_files()
-            fd = os.open(path, os.O_RDONLY)
-            self._fds[path] = fd
-        return fd
+        with self._lock:  # the fit's threads share the open files
+            fd = self._fds.get(path)
+            if fd is None:
+                if len(self._fds) >= self._max_open:
+                    self._close_files()
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
+            return fd
 
     def pread(self, path: str, name: str, offset: int, nbytes: int) -> bytearray:
         buf = bytearray(nbytes)
@@ -202,7 +206,8 @@ class Reader:
             if n == 0:
                 raise LineageError(f"{path} [{name}]: file ends before byte {offset + nbytes}; truncated?")
             got += n
-        self.bytes_read += nbytes
+        with self._lock:
+            self.bytes_read += nbytes
 
     def prefetcher(self) -> ThreadPoolExecutor:
         """One background thread that reads ahead while the caller computes."""
@@ -210,11 +215,27 @@ class Reader:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lineage-read")
         return self._pool
 
-    def read_raw(self, view: View, a: int, b: int) -> bytearray:
-        """Rows [a, b) of `view` as the stored bytes, undecoded, in one buffer."""
+    def scratch(self, slot: int, nbytes: int) -> memoryview:
+        """A reusable buffer of `nbytes` for `slot` of the calling thread (grown, never shrunk).
+
+        Fresh multi-MB buffers cost a page fault per 4 KiB and a zero fill,
+        which made reading, not the fit, the bottleneck; the streaming fit
+        cycles through a few slots per thread instead."""
+        key = (threading.get_ident(), slot)
+        buf = self._scratch.get(key)
+        if buf is None or len(buf) < nbytes:
+            buf = self._scratch[key] = bytearray(nbytes)
+        return memoryview(buf)[:nbytes]
+
+    def read_raw(self, view: View, a: int, b: int, out: memoryview | bytearray | None = None) -> memoryview | bytearray:
+        """Rows [a, b) of `view` as the stored bytes, undecoded, in one buffer
+        (`out`, of exactly that size, when given)."""
         itemsize = DTYPES[view.segments[0].dtype].itemsize
         row_bytes = view.cols * itemsize
-        out = bytearray((b - a) * row_bytes)
+        if out is None:
+            out = bytearray((b - a) * row_bytes)
+        elif len(out) != (b - a) * row_bytes:
+            raise ValueError(f"read_raw: buffer of {len(out)} bytes for {(b - a) * row_bytes}")
         pos, base = 0, 0
         for seg in view.segments:
             lo, hi = max(a, base), min(b, base + seg.rows)
