@@ -191,6 +191,15 @@ def permute_mlp(w: dict, seed: int) -> dict:
     return out
 
 
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    """Spherical interpolation of whole tensors (the angle between them as flat vectors)."""
+    a64, b64 = a.double(), b.double()
+    theta = math.acos(float((a64 * b64).sum() / (a64.norm() * b64.norm())))
+    if theta < 1e-4:
+        return (1 - t) * a + t * b
+    return ((math.sin((1 - t) * theta) * a64 + math.sin(t * theta) * b64) / math.sin(theta)).float()
+
+
 def mergekit(folder: Path, config: str) -> Path | None:
     exe = Path(sys.executable).parent / "mergekit-yaml"
     if not exe.exists():
@@ -207,9 +216,17 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     """(name, suspect folder, candidates {name: folder}, expected class, expected weights)."""
     out: list[dict] = []
 
-    def add(name, suspect, cands, expect, weights=None, base=None):
+    def add(name, suspect, cands, expect, weights=None, base=None, method=None):
         out.append(
-            {"name": name, "suspect": suspect, "candidates": cands, "expect": expect, "weights": weights or {}, "base": base}
+            {
+                "name": name,
+                "suspect": suspect,
+                "candidates": cands,
+                "expect": expect,
+                "weights": weights or {},
+                "base": base,
+                "method": method,
+            }
         )
 
     real = load_file(str(minilm_path()))
@@ -291,6 +308,14 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
         folder = mergekit(root / f"mk-{method}", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
         if folder is not None:
             add(f"mergekit {method}", folder, fam, "blend", weights, base="base" if "base_model: {base}" in tmpl else None)
+    unrel = {"seed0": paths[0], "seed1": paths[1]}
+    sl = {k: slerp(models[0][k], models[1][k], 0.6).to(torch.bfloat16) for k in base}
+    add("slerp t=0.6 of unrelated models (torch)", save(root / "slerp-unrel", sl), unrel, "blend", {"seed0": 0.4, "seed1": 0.6}, method="slerp")
+    if with_mergekit:
+        tmpl = "merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.3}}\ndtype: bfloat16\n"
+        folder = mergekit(root / "mk-slerp-unrelated", tmpl.format(a=paths[0], b=paths[1]))
+        if folder is not None:
+            add("mergekit slerp t=0.3, unrelated", folder, unrel, "blend", {"seed0": 0.7, "seed1": 0.3}, method="slerp")
     stack = {k: (ft2[k] if ".layers.2." in k or ".layers.3." in k else ft1[k]).to(torch.bfloat16) for k in base}
     add("layer stack: ft1 0-1 + ft2 2-3 (torch)", save(root / "stack", stack), fam, "blend")
     mixed = {k: 0.5 * ft1[k] + 0.5 * ft2[k] for k in base}
@@ -348,12 +373,14 @@ def main() -> None:
         note = f"weight error {err:.3f}" if err is not None else ""
         if got == "blend":
             note += (
-                f" method {v.get('method')}{'/' + v['merge_family'] if v.get('merge_family') else ''} base {v.get('base')} weights "
+                (f" t {v['t']:.3f}" if "t" in v else "")
+                + f" method {v.get('method')}{'/' + v['merge_family'] if v.get('merge_family') else ''} base {v.get('base')} weights "
                 + ", ".join(f"{n} {x:.3f}" for n, x in w.items())
             )
         if v.get("layer_map"):
             note += " layer_map " + ",".join(f"{i}->{j}" for i, j in v["layer_map"].items())
-        flag = "" if got == c["expect"] else "  <-- WRONG"
+        right = got == c["expect"] and (c["method"] is None or v.get("method") == c["method"])
+        flag = "" if right else "  <-- WRONG"
         if flag:
             wrong.append(c["name"])
         print(f"{c['name']:<36} expect {c['expect']:<12} got {got:<12} {note}{flag}", flush=True)

@@ -29,9 +29,9 @@ def pick_device(want_gpu: bool) -> str:
     return "cpu"
 
 
-def fit_unit(unit: Unit, chunk_bytes: int, base: str | None, sample_fraction: float) -> list[ItemResult]:
-    """The CPU task body."""
-    return run_unit(unit, chunk_bytes, base, "cpu", sample_fraction)
+def fit_unit(unit: Unit, chunk_bytes: int, base: str | None, sample_fraction: float, threads: int) -> list[ItemResult]:
+    """The CPU task body; `threads` kernel threads, one per CPU the task was given."""
+    return run_unit(unit, chunk_bytes, base, "cpu", sample_fraction, threads)
 
 
 class FitActor:
@@ -43,8 +43,8 @@ class FitActor:
     def info(self) -> dict:
         return {"device": self.device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
-    def fit(self, unit: Unit, chunk_bytes: int, base: str | None, sample_fraction: float) -> list[ItemResult]:
-        return run_unit(unit, chunk_bytes, base, self.device, sample_fraction)
+    def fit(self, unit: Unit, chunk_bytes: int, base: str | None, sample_fraction: float, threads: int) -> list[ItemResult]:
+        return run_unit(unit, chunk_bytes, base, self.device, sample_fraction, threads)
 
 
 class Dispatcher:
@@ -53,7 +53,7 @@ class Dispatcher:
     def __init__(
         self, cpus: float, gpus: float, chunk_bytes: int, base: str | None, n_actors: int = 0, sample_fraction: float = 1.0
     ) -> None:
-        self.args = (chunk_bytes, base, sample_fraction)
+        self.args = (chunk_bytes, base, sample_fraction, max(1, int(cpus)))
         self.actors: list = []
         self.load: dict[int, int] = {}
         self.owner: dict = {}

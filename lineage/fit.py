@@ -254,3 +254,49 @@ def _raw_cond(f: Forms, use: list[str]) -> float:
     """Condition number of the unconstrained fit on raw candidate vectors."""
     P = torch.stack([f.vec(c) for c in use], dim=1)
     return _cond(P.T @ f.g @ P)
+
+
+@dataclass
+class Interpolation:
+    """The suspect as c_a a + c_b b with free coefficients (no affine constraint).
+
+    Linear interpolation has c_a + c_b = 1. Spherical interpolation (slerp)
+    of vectors an angle theta apart has c_a = sin((1 - t) theta) / sin theta
+    and c_b = sin(t theta) / sin theta, whose sum exceeds 1 by `predicted`
+    (for this t and theta): about t (1 - t) theta^2 / 2, so the two coincide
+    for parents a few degrees apart, and differ plainly for distant ones.
+    """
+
+    excess: float  # c_a + c_b - 1
+    se: float  # its OLS standard error
+    c_b: float
+    theta: float  # angle between the raw parents, radians
+    t: float  # slerp parameter toward b that gives c_b at this angle
+    predicted: float  # excess a slerp at t would have
+
+
+def interpolation(st: Stats, a: str, b: str) -> Interpolation | None:
+    """Fit s - a = e a + c_b (b - a): e is the excess over linear interpolation,
+    estimated on difference columns (well conditioned even for parents at
+    cosine 0.999, where the raw 2x2 system is not)."""
+    f = Forms(st)
+    A, d, t_ = f.vec(a), f.diff(b, a), f.diff("suspect", a)
+    C = torch.stack([A, d], dim=1)
+    G = C.T @ f.g @ C
+    g = C.T @ f.g @ t_
+    if st.n < 3 or float(torch.linalg.det(G)) <= 0:
+        return None
+    coef = torch.linalg.solve(G, g)
+    rss = max(f.dot(t_, t_) - float(g @ coef), 0.0)
+    cov = rss / (st.n - 2) * torch.linalg.inv(G)
+    e, c_b = float(coef[0]), float(coef[1])
+    B = f.vec(b)
+    aa, bb = f.dot(A, A), f.dot(B, B)
+    ab = aa + f.dot(A, d)  # a.b = a.a + a.(b - a)
+    theta = math.acos(max(-1.0, min(1.0, ab / math.sqrt(aa * bb)))) if aa > 0 and bb > 0 else 0.0
+    if theta > 1e-6:
+        t = math.asin(max(-1.0, min(1.0, c_b * math.sin(theta)))) / theta
+        predicted = (math.sin((1 - t) * theta) + math.sin(t * theta)) / math.sin(theta) - 1
+    else:
+        t, predicted = c_b, 0.0
+    return Interpolation(e, math.sqrt(max(float(cov[0, 0]), 0.0)), c_b, theta, t, predicted)

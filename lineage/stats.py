@@ -286,12 +286,12 @@ def _accumulate_torch(
     return st
 
 
-#: Bytes of raw input per read, all sides together: small enough to stay in
-#: cache between the read that fills it and the kernel calls that use it.
-KERNEL_CHUNK = 4 << 20
-#: Each read chunk goes to the kernel as this many row ranges, whatever the
-#: thread count, so the order of float64 additions (and the result) does not
-#: depend on how many threads ran them.
+#: Bytes of raw input per read, all sides together. Each read goes to the
+#: kernel as KERNEL_SPLIT row pieces of about 8 MiB: large enough that the
+#: per-piece Python work (buffers, maps, the call) is noise, and the same
+#: pieces whatever the thread count, so the order of float64 additions (and
+#: the result) does not depend on how many threads ran them.
+KERNEL_CHUNK = 16 << 20
 KERNEL_SPLIT = 2
 
 
@@ -316,15 +316,19 @@ def _raw_bf16(views: list) -> bool:
     return all(seg.dtype == "BF16" for v in views for seg in v.segments)
 
 
-def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, threads: int = 1) -> Stats:
+def _accumulate_kernel(
+    views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, threads: int = 1, mmap_ok: bool = True
+) -> Stats:
     """The same statistics through lineage._kernel (which releases the GIL).
 
     Every read chunk is cut into KERNEL_SPLIT row pieces, and the pieces'
     statistics are added in piece order whatever ran them, so the result
-    does not depend on `threads`. One thread: a second one reads the next
-    chunk while the kernel runs. Several: each reads and fits whole pieces
-    (reading is a memory copy from the page cache, as much CPU work as
-    fitting, so it is shared rather than left to one thread).
+    does not depend on `threads`. Raw BF16 rows that lie in one tensor are
+    fitted in place in the files' pages (`Reader.map_rows`: no copy, no read
+    thread; `threads` kernels at a time). Other rows are read into reused
+    buffers: with one thread a second one reads the next chunk while the
+    kernel runs; with several, each reads and fits whole pieces.
+    `mmap_ok=False` forces the copying path (tests compare the two).
     """
     assert _kernel is not None
     k, cols = len(order), views[0].cols
@@ -343,8 +347,8 @@ def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_byte
             return [np.frombuffer(reader.read_raw(v, r0, r1, b), dtype=np.uint16) for v, b in zip(views, bufs)]
         return [reader.read(v, r0, r1).reshape(-1).numpy() for v in views]
 
-    def fit(xs: list[np.ndarray]) -> tuple[np.ndarray, ...] | list[np.ndarray]:
-        """Stats arrays of one piece; its inputs instead if they hold non-finite values."""
+    def fit(xs: list[np.ndarray]) -> tuple | list[np.ndarray]:
+        """Stats arrays and element count of one piece; its inputs instead if they hold non-finite values."""
         out = (np.zeros((k + 1, k + 1)), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64))
         rg, cs = np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols))
         fn(*out, tols, xs[0], tuple(xs[1:]), cols, cs, rg)
@@ -352,12 +356,42 @@ def _accumulate_kernel(views: list, order: list[str], reader: Reader, chunk_byte
             return [x.copy() for x in xs]
         return (*out, rg, cs, xs[0].size)
 
+    def fit_mapped(r0: int, r1: int, pieces: list[tuple[int, int]], last: bool) -> list:
+        """Fit the pieces of rows [r0, r1) in place in the files' pages, then
+        drop those pages from this process (read into buffers if a side
+        cannot be mapped)."""
+        mvs = [reader.map_rows(v, r0, r1) for v in views]
+        try:
+            if any(m is None for m in mvs):
+                return [fit(load(a, b, 0)) for a, b in pieces]
+            return fit_pieces([np.frombuffer(m, dtype=np.uint16) for m in mvs], r0, pieces)  # type: ignore[arg-type]
+        finally:
+            for v, m in zip(views, mvs):
+                if m is not None:
+                    try:
+                        m.release()
+                    except BufferError:  # an exception's traceback still holds the arrays
+                        pass
+                    reader.unmap_rows(v, r0, r1, last)
+
+    def fit_pieces(xs: list[np.ndarray], r0: int, pieces: list[tuple[int, int]]) -> list:
+        """The pieces of chunk `xs` (rows from r0), on the kernel threads."""
+
+        def one(ab: tuple[int, int]) -> tuple | list:
+            return fit([x[(ab[0] - r0) * cols : (ab[1] - r0) * cols] for x in xs])
+
+        return list(_kernel_pool(threads).map(one, pieces)) if threads > 1 else [one(ab) for ab in pieces]
+
     def cut(r0: int, r1: int) -> list[tuple[int, int]]:
         cuts = [r0 + (r1 - r0) * j // KERNEL_SPLIT for j in range(KERNEL_SPLIT + 1)]
         return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
     results: list = []
-    if threads > 1:
+    mapped = raw and mmap_ok and all(len(v.segments) == 1 for v in views)
+    if mapped:  # no copy and no read thread: the kernel threads touch the pages themselves
+        for i, (r0, r1) in enumerate(work):
+            results += fit_mapped(r0, r1, cut(r0, r1), i == len(work) - 1 or work[i + 1][0] != r1)
+    elif threads > 1:
         pieces = [ab for r in work for ab in cut(*r)]
         results = list(_kernel_pool(threads).map(lambda ab: fit(load(*ab, 0)), pieces))
     else:

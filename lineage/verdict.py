@@ -42,7 +42,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from lineage.dtypes import rounding_tolerance
-from lineage.fit import Blend, Forms, blend
+from lineage.fit import Blend, Forms, blend, interpolation
 from lineage.rows import stats_of
 
 SCHEMA_VERSION = 1
@@ -308,6 +308,39 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
                     method="task_arithmetic",
                     base=b,
                 )
+            if len(parents) == 2:
+                a, b = parents[0]["name"], parents[1]["name"]
+                interp = _interpolation(rows, a, b)
+                if interp is not None:
+                    evidence["interpolation"] = interp
+                    if interp["is_slerp"]:
+                        t = interp["t"]
+                        slerp_parents = [
+                            {**parents[0], "weight": round(1 - t["mean"], 6), "ci95": [round(1 - x, 6) for x in t["ci95"][::-1]]},
+                            {**parents[1], "weight": round(t["mean"], 6), "ci95": [round(x, 6) for x in t["ci95"]]},
+                        ]
+                        for p in slerp_parents:
+                            p.pop("sd_across_tensors", None)
+                        return doc(
+                            "blend",
+                            slerp_parents,
+                            f"{suspect} is a spherical interpolation (slerp) from {a} toward {b} at t = {t['mean']:.3f} "
+                            f"(95% interval [{t['ci95'][0]:.3f}, {t['ci95'][1]:.3f}]): the parents are "
+                            f"{interp['median_theta_deg']:.0f} degrees apart, and its free coefficients on them sum to "
+                            f"1 + {interp['median_excess']:.4f} (z {interp['z']:.0f} against 1), the "
+                            f"{interp['median_predicted_excess']:.4f} a slerp at that t and angle has, where a linear blend "
+                            "sums to exactly 1. The weights are 1 - t and t.",
+                            method="slerp",
+                            t=round(t["mean"], 6),
+                            base=a,
+                        )
+                    if interp["median_predicted_excess"] < 3 * interp["median_se"]:
+                        tail += (
+                            f" A slerp at t = {fit['weights'][b]['mean']:.3f} would be indistinguishable: the parents are "
+                            f"{interp['median_theta_deg']:.1f} degrees apart, where it departs from linear interpolation "
+                            f"by {interp['median_predicted_excess']:.1e} (mergekit itself interpolates linearly below 1.8 "
+                            "degrees); its t is then the weight of " + b + "."
+                        )
             desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
             return doc(
                 "blend",
@@ -448,6 +481,43 @@ def _blend_fit(rows: list[dict], use: list[str], base: str | None, near: dict[st
         "material": material,
         "evidence": ev,
         "base": base or (bases.most_common(1)[0][0] if bases else None),
+    }
+
+
+def _interpolation(rows: list[dict], a: str, b: str) -> dict | None:
+    """Linear or spherical interpolation between two parents (fit.interpolation per matrix).
+
+    Slerp when the free coefficients sum to more than 1 significantly
+    (Stouffer z >= Z_SIG), by what a slerp at the fitted t and the parents'
+    angle predicts (median ratio within [0.5, 2]), and that prediction is
+    far above the noise (>= 3 standard errors): parents a few degrees apart
+    cannot be told apart, and are reported as linear with the same weights.
+    """
+    fits = []
+    for r in rows:
+        if r["status"] != "ok" or r["ndim"] < 2 or not {a, b} <= set(r["stats_order"]):
+            continue
+        it = interpolation(stats_of(r), a, b)
+        if it is not None and it.se > 0:
+            fits.append((it, float(r["numel"])))
+    if not fits:
+        return None
+    z = sum(it.excess / it.se for it, _ in fits) / math.sqrt(len(fits))
+    ratio = _median([it.excess / it.predicted for it, _ in fits if it.predicted > 0])
+    pred, se = _median([it.predicted for it, _ in fits]), _median([it.se for it, _ in fits])
+    t = _weighted([(it.t, it.se, w) for it, w in fits])
+    is_slerp = z >= Z_SIG and ratio is not None and 0.5 <= ratio <= 2 and pred is not None and pred >= 3 * (se or 0)
+    return {
+        "is_slerp": is_slerp,
+        "matrices": len(fits),
+        "median_excess": _median([it.excess for it, _ in fits]),
+        "median_se": se,
+        "z": z,
+        "median_predicted_excess": pred,
+        "median_excess_over_predicted": ratio,
+        "median_theta_deg": math.degrees(_median([it.theta for it, _ in fits]) or 0.0),
+        "t": {k: t[k] for k in ("mean", "ci95", "sd")},
+        "toward": b,
     }
 
 

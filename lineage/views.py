@@ -10,11 +10,15 @@ one fused tensor), and vocabularies of different sizes (the common rows).
 Reading rows `[a, b)` of a view costs one `pread` per segment it crosses; a
 worker's memory is the rows it asked for, never the tensor or the file. FP8
 segments carry their block-scale tensor and are dequantized per chunk.
+Rows inside one segment can also be seen in place, through a read-only
+memory map of the file (`Reader.map_rows`): no copy, which is what lets the
+fit run at a good fraction of a page-cache read.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import threading
 import time
@@ -27,6 +31,8 @@ from lineage.dtypes import DTYPES, FP8
 from lineage.errors import LineageError
 from lineage.header import TensorEntry
 from lineage.layout import FP8_BLOCK
+
+HUGE = 2 << 20  # bytes of the largest page the kernel maps a file with (x86-64, arm64 4K)
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -149,7 +155,8 @@ class Reader:
         self.retried = 0
         self._pool: ThreadPoolExecutor | None = None
         self._scratch: dict[tuple[int, int], bytearray] = {}
-        self._lock = threading.Lock()
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.RLock()
 
     def __enter__(self) -> Reader:
         return self
@@ -162,6 +169,12 @@ class Reader:
             self._pool.shutdown(wait=True)
             self._pool = None
         self._close_files()
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a caller still holds rows; unmapped when they are freed
+                pass
+        self._maps.clear()
 
     def _close_files(self) -> None:
         for fd in self._fds.values():
@@ -214,6 +227,70 @@ class Reader:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lineage-read")
         return self._pool
+
+    def map_rows(self, view: View, a: int, b: int) -> memoryview | None:
+        """Rows [a, b) of `view` as the stored bytes, in place in a read-only
+        map of the file; None when they cross segments (read_raw copies them).
+        Call `unmap_rows` with the same arguments when done.
+
+        The file's size is checked when it is mapped, so a file truncated
+        since planning is an error here, as with pread. (One truncated while
+        it is being read would end the worker with SIGBUS; Ray then retries
+        the unit, and the retry sees the short file.)
+        """
+        loc = self._locate(view, a, b)
+        if loc is None:
+            return None
+        seg, off, n = loc
+        mm = self._map(seg.path, seg.name, off + n)
+        with self._lock:
+            self.bytes_read += n
+        return memoryview(mm)[off : off + n]
+
+    def unmap_rows(self, view: View, a: int, b: int, last: bool = True) -> None:
+        """Drop the pages of mapped rows from this process (they stay in the
+        page cache): without it every byte the fit touched would count in the
+        worker's resident memory, which would then grow with the model.
+
+        Whole 2 MiB blocks: the page cache maps large folios whole, and a
+        partly dropped one stays resident. With `last=False` (more rows of
+        this tensor follow) the block the rows end in is kept for the next
+        call, so nothing is dropped that is about to be used."""
+        loc = self._locate(view, a, b)
+        if loc is None:
+            return
+        seg, off, n = loc
+        mm = self._maps.get(seg.path)
+        lo = off // HUGE * HUGE
+        end = -(-(off + n) // HUGE) * HUGE if last else (off + n) // HUGE * HUGE
+        hi = min(end, len(mm) if mm is not None else 0)
+        if mm is not None and hasattr(mm, "madvise") and hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    @staticmethod
+    def _locate(view: View, a: int, b: int) -> tuple[Segment, int, int] | None:
+        """(segment, file offset, bytes) of rows [a, b) when one segment holds them all."""
+        base = 0
+        for seg in view.segments:
+            if base <= a and b <= base + seg.rows:
+                row_bytes = seg.cols * DTYPES[seg.dtype].itemsize
+                return seg, seg.start + (seg.row0 + a - base) * row_bytes, (b - a) * row_bytes
+            base += seg.rows
+            if base >= b:
+                break
+        return None
+
+    def _map(self, path: str, name: str, end: int) -> mmap.mmap:
+        with self._lock:
+            mm = self._maps.get(path)
+            if mm is None:
+                fd = self._fd(path)
+                if os.fstat(fd).st_size < end:
+                    raise LineageError(f"{path} [{name}]: file ends before byte {end}; truncated?")
+                mm = self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            if len(mm) < end:
+                raise LineageError(f"{path} [{name}]: file ends before byte {end}; truncated?")
+            return mm
 
     def scratch(self, slot: int, nbytes: int) -> memoryview:
         """A reusable buffer of `nbytes` for `slot` of the calling thread (grown, never shrunk).

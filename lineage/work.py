@@ -25,21 +25,40 @@ class ItemResult:
 
 
 def run_unit(
-    unit: Unit, chunk_bytes: int, base: str | None = None, device: str = "cpu", sample_fraction: float = 1.0
+    unit: Unit,
+    chunk_bytes: int,
+    base: str | None = None,
+    device: str = "cpu",
+    sample_fraction: float = 1.0,
+    threads: int = 1,
 ) -> list[ItemResult]:
+    """`threads`: the CPU cores this worker was given (the C kernel uses them all)."""
     out = []
     with Reader() as reader:
         for it in unit.items:
-            out.append(run_item(it, reader, chunk_bytes, base, device, sample_fraction))
+            out.append(run_item(it, reader, chunk_bytes, base, device, sample_fraction, threads))
     return out
 
 
 def run_item(
-    it: Item, reader: Reader, chunk_bytes: int, base: str | None, device: str = "cpu", sample_fraction: float = 1.0
+    it: Item,
+    reader: Reader,
+    chunk_bytes: int,
+    base: str | None,
+    device: str = "cpu",
+    sample_fraction: float = 1.0,
+    threads: int = 1,
 ) -> ItemResult:
     try:
         st = accumulate(
-            it.group, reader, chunk_bytes, (it.row0, it.row1), base=base, device=device, sample_fraction=sample_fraction
+            it.group,
+            reader,
+            chunk_bytes,
+            (it.row0, it.row1),
+            base=base,
+            device=device,
+            sample_fraction=sample_fraction,
+            threads=threads,
         )
         if it.parts == 1:
             st.fold()

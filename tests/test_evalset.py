@@ -33,7 +33,11 @@ def evaluated(tmp_path_factory):
 
 
 def test_every_case_gets_its_class(evaluated):
-    wrong = [(c["name"], c["expect"], v["verdict"]) for c, v in evaluated if v["verdict"] != c["expect"]]
+    wrong = [
+        (c["name"], c["expect"], v["verdict"], v.get("method"))
+        for c, v in evaluated
+        if v["verdict"] != c["expect"] or (c["method"] and v.get("method") != c["method"])
+    ]
     assert not wrong
     assert len(evaluated) >= 15
 
@@ -86,3 +90,14 @@ def test_permuted_attention_heads_found_and_undone(evaluated):
     assert {p["what"] for p in perms} == {"attention heads", "key/value heads"}
     assert len(perms) == 12 and sum(len(p["tensors"]) for p in perms) == 24 and all(p["units"] == 12 for p in perms)
     assert all(p["corr_after"] > 0.999 for p in perms)
+
+
+def test_slerp_is_told_from_linear_and_its_t_reported(evaluated):
+    """A slerp of distant parents is named with its t; the linear blend of close
+    parents carries the evidence that a slerp there would be indistinguishable."""
+    (v,) = [v for c, v in evaluated if c["name"].startswith("slerp t=0.6")]
+    assert (v["verdict"], v["method"]) == ("blend", "slerp")
+    assert abs(v["t"] - 0.6) < 0.01
+    assert v["evidence"]["interpolation"]["median_theta_deg"] > 45
+    (v,) = [v for c, v in evaluated if c["name"] == "linear 0.6/0.4 (torch)"]
+    assert v["method"] == "linear" and not v["evidence"]["interpolation"]["is_slerp"]

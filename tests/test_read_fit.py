@@ -258,3 +258,30 @@ def test_permutation_null_holds_where_the_structure_free_null_fails(tmp_path, al
     parent = _trained_like(rows, cols, shared[0], 99)
     st = _stats(tmp_path, parent + 0.1 * torch.randn(rows, cols), [parent])
     assert single(st, "p0").z > 6
+
+
+def test_threads_and_memory_maps_do_not_change_the_result(tmp_path, monkeypatch):
+    """The kernel path fits BF16 rows in place in mapped pages with any number of threads,
+    or copies them; every variant adds the same pieces in the same order: equal bit for bit."""
+    from lineage import stats as S
+
+    if S._kernel is None:
+        pytest.skip("lineage._kernel not built")
+    monkeypatch.setattr(S, "KERNEL_CHUNK", 1 << 16)  # many pieces, rows of 300 columns
+    base = torch.randn(999, 300)
+    xs = [(base + 0.05 * i * torch.randn(999, 300)).to(torch.bfloat16) for i in range(3)]
+    g = _group(tmp_path, xs[0], xs[1:])
+    out = {}
+    with Reader() as r:
+        for threads in (1, 2, 3):
+            for mapped in (True, False):
+                views = [g.view] + [s.view for s in g.paired]
+                order = [s.candidate for s in g.paired]
+                ranges = [(0, 999)]
+                out[threads, mapped] = S._accumulate_kernel(views, order, r, 1 << 30, ranges, threads, mapped)
+        assert r.bytes_read == 6 * 3 * 999 * 300 * 2
+    ref = out[1, False]
+    for key, st in out.items():
+        assert st.n == ref.n == 999 * 300 and st.exact == ref.exact and st.near == ref.near, key
+        for name in ("gram", "sums", "rowgram", "colsum"):
+            assert torch.equal(getattr(st, name), getattr(ref, name)), (key, name)
