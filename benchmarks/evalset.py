@@ -191,6 +191,26 @@ def permute_mlp(w: dict, seed: int) -> dict:
     return out
 
 
+def ties(base: dict, tuned: list[dict], density: float) -> dict:
+    """TIES (Yadav et al. 2023) as mergekit does it: keep each delta's largest `density`
+    fraction by magnitude, elect a sign per element by the summed deltas, average the
+    deltas that agree with it."""
+    out = {}
+    for k, b in base.items():
+        deltas = []
+        for f in tuned:
+            d = f[k] - b
+            keep = max(1, int(density * d.numel()))
+            cut = d.abs().flatten().kthvalue(d.numel() - keep + 1).values
+            deltas.append(torch.where(d.abs() >= cut, d, torch.zeros_like(d)))
+        stacked = torch.stack(deltas)
+        sign = torch.sign(stacked.sum(0))
+        agree = (torch.sign(stacked) == sign) & (stacked != 0)
+        total = (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+        out[k] = (b + total).to(torch.bfloat16)
+    return out
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     """Spherical interpolation of whole tensors (the angle between them as flat vectors)."""
     a64, b64 = a.double(), b.double()
@@ -216,7 +236,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     """(name, suspect folder, candidates {name: folder}, expected class, expected weights)."""
     out: list[dict] = []
 
-    def add(name, suspect, cands, expect, weights=None, base=None, method=None):
+    def add(name, suspect, cands, expect, weights=None, base=None, method=None, family=None):
         out.append(
             {
                 "name": name,
@@ -226,6 +246,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
                 "weights": weights or {},
                 "base": base,
                 "method": method,
+                "family": family,
             }
         )
 
@@ -269,7 +290,8 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     for k in base:  # DARE: drop half of each delta at random, rescale the rest by 2, average
         kept = [(torch.rand(base[k].shape, generator=gd) < 0.5).float() * 2 * (f[k] - base[k]) for f in (ft1, ft2)]
         dare[k] = (base[k] + 0.5 * kept[0] + 0.5 * kept[1]).to(torch.bfloat16)
-    add("dare 0.5/0.5 density 0.5 (torch)", save(root / "dare", dare), fam, "blend")
+    add("dare 0.5/0.5 density 0.5 (torch)", save(root / "dare", dare), fam, "blend", family="dare")
+    add("ties 0.5/0.5 density 0.5 (torch)", save(root / "ties", ties(base, [ft1, ft2], 0.5)), fam, "blend", family="ties")
     mk = {
         "linear": (
             "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.3}}\n  - model: {ft2}\n    parameters: {{weight: 0.7}}\ndtype: bfloat16\n",
@@ -307,10 +329,26 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     for method, (tmpl, weights) in mk.items() if with_mergekit else []:
         folder = mergekit(root / f"mk-{method}", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
         if folder is not None:
-            add(f"mergekit {method}", folder, fam, "blend", weights, base="base" if "base_model: {base}" in tmpl else None)
+            family = "ties" if method == "ties" else ("dare" if method.startswith("dare") else None)
+            add(
+                f"mergekit {method}",
+                folder,
+                fam,
+                "blend",
+                weights,
+                base="base" if "base_model: {base}" in tmpl else None,
+                family=family,
+            )
     unrel = {"seed0": paths[0], "seed1": paths[1]}
     sl = {k: slerp(models[0][k], models[1][k], 0.6).to(torch.bfloat16) for k in base}
-    add("slerp t=0.6 of unrelated models (torch)", save(root / "slerp-unrel", sl), unrel, "blend", {"seed0": 0.4, "seed1": 0.6}, method="slerp")
+    add(
+        "slerp t=0.6 of unrelated models (torch)",
+        save(root / "slerp-unrel", sl),
+        unrel,
+        "blend",
+        {"seed0": 0.4, "seed1": 0.6},
+        method="slerp",
+    )
     if with_mergekit:
         tmpl = "merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.3}}\ndtype: bfloat16\n"
         folder = mergekit(root / "mk-slerp-unrelated", tmpl.format(a=paths[0], b=paths[1]))
@@ -379,7 +417,11 @@ def main() -> None:
             )
         if v.get("layer_map"):
             note += " layer_map " + ",".join(f"{i}->{j}" for i, j in v["layer_map"].items())
-        right = got == c["expect"] and (c["method"] is None or v.get("method") == c["method"])
+        right = (
+            got == c["expect"]
+            and (c["method"] is None or v.get("method") == c["method"])
+            and (c["family"] is None or v.get("merge_family") == c["family"])
+        )
         flag = "" if right else "  <-- WRONG"
         if flag:
             wrong.append(c["name"])

@@ -25,14 +25,20 @@
  * every addition is fixed by this code, so results do not depend on the
  * CPU, the thread count or the vector width.
  *
+ * It also adds, for each candidate j >= 1, the energy of its difference
+ * from the reference, (p_j - r)^2, over the elements where the suspect kept
+ * the reference's value (within tol_0): `dropped`. Sparse merges drop deltas
+ * there; TIES drops the smallest, DARE drops at random, so this energy per
+ * element, against the average, tells the two apart (lineage/verdict.py).
+ *
  * Entry points (all buffers C-contiguous, n elements each, n a multiple of
- * cols: a chunk is whole rows of a matrix with `cols` columns):
- *   accumulate_bf16(gram, sums, counts, tols, s, (p_0, ...), cols, colsum, rowgram)   uint16 BF16 bits
- *   accumulate_f32 (gram, sums, counts, tols, s, (p_0, ...), cols, colsum, rowgram)   float32
+ * cols: a chunk is whole rows of a matrix with `cols` columns, n < 2^31):
+ *   accumulate_bf16(gram, sums, counts, tols, s, (p_0, ...), cols, colsum, rowgram, dropped)   uint16 BF16 bits
+ *   accumulate_f32 (gram, sums, counts, tols, s, (p_0, ...), cols, colsum, rowgram, dropped)   float32
  * gram, rowgram: writable float64[m*m], sums: writable float64[m], colsum:
  * writable float64[m*cols], counts: writable int64[2k] (k exact counts, then
- * k near counts), tols: float64[k]; the outputs are added to, not
- * overwritten.
+ * k near counts), tols: float64[k], dropped: writable float64[k] (entry 0
+ * unused); the outputs are added to, not overwritten.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -104,7 +110,18 @@ VTYPES(4)
             y[j] = __builtin_convertvector(pf, vd##W) - y[0];                                    \
         }                                                                                        \
         y[K] = __builtin_convertvector(sf, vd##W) - y[0];                                        \
-        nrv[0][h] -= __builtin_convertvector((vl##W)(VABS(W, y[K]) <= tau[0] * VABS(W, y[0])), vi##W); \
+        {                                                                                        \
+            vl##W m0 = (vl##W)(VABS(W, y[K]) <= tau[0] * VABS(W, y[0]));                         \
+            nrv[0][h] -= __builtin_convertvector(m0, vi##W);                                     \
+            for (int j = 1; j < K; j++) { /* delta energy where s kept the reference's value */  \
+                vd##W sq = y[j] * y[j];                                                          \
+                vl##W bits;                                                                      \
+                memcpy(&bits, &sq, sizeof bits);                                                 \
+                bits &= m0;                                                                      \
+                memcpy(&sq, &bits, sizeof sq);                                                   \
+                da[j][h] += sq;                                                                  \
+            }                                                                                    \
+        }                                                                                        \
         for (int j = 1; j < K; j++)                                                              \
             nrv[j][h] -= __builtin_convertvector((vl##W)(VABS(W, y[K] - y[j]) <= tau[j] * VABS(W, y[0] + y[j])), vi##W); \
         for (int a = 0; a <= K; a++) sa[a][h] += y[a];                                           \
@@ -145,7 +162,7 @@ VTYPES(4)
 #define DEFINE_KERNEL(NAME, K, T, LOAD, W, ATTR)                                                 \
     ATTR static void NAME(Py_ssize_t n, const void *s, const void **p, double *gram, double *sums, \
                           int64_t *counts, const double *tols, Py_ssize_t cols, double *restrict colsum, \
-                          double *rowgram) {                                                     \
+                          double *rowgram, double *dropped) {                                    \
         enum { M = K + 1, NG = (K + 1) * (K + 2) / 2, NH = LANES / W };                          \
         vd##W tau[K];                                                                            \
         vi##W eqv[K][NH], nrv[K][NH]; /* int32 lanes: n < 2^31 per call (checked) */             \
@@ -160,10 +177,11 @@ VTYPES(4)
             for (Py_ssize_t c0 = 0; c0 < cols; c0 += BLOCK) {                                    \
                 Py_ssize_t len = cols - c0 < BLOCK ? cols - c0 : BLOCK;                          \
                 Py_ssize_t full = len / LANES * LANES;                                           \
-                vd##W ga[NG][NH], sa[M][NH];                                                     \
+                vd##W ga[NG][NH], sa[M][NH], da[K][NH];                                          \
                 for (int h = 0; h < NH; h++) {                                                   \
                     for (int e = 0; e < NG; e++) ga[e][h] = (vd##W){0};                          \
                     for (int a = 0; a < M; a++) sa[a][h] = (vd##W){0};                           \
+                    for (int j = 0; j < K; j++) da[j][h] = (vd##W){0};                           \
                 }                                                                                \
                 for (Py_ssize_t i = 0; i < full; i += LANES) {                                   \
                     Py_ssize_t at = row0 + c0 + i;                                               \
@@ -195,6 +213,7 @@ VTYPES(4)
                         rs[a] += t;                                                              \
                         for (int c = a; c < M; c++, e++) gram[a * M + c] += VSUM(W, ga[e]);      \
                     }                                                                            \
+                    for (int j = 1; j < K; j++) dropped[j] += VSUM(W, da[j]);                    \
                 }                                                                                \
             }                                                                                    \
             for (int a = 0; a < M; a++)                                                          \
@@ -218,7 +237,7 @@ VTYPES(4)
     }
 
 typedef void (*kernel_fn)(Py_ssize_t, const void *, const void **, double *, double *, int64_t *, const double *,
-                          Py_ssize_t, double *, double *);
+                          Py_ssize_t, double *, double *, double *);
 
 /* One family: kernels for 1..MAXC candidates, BF16 and float32, and their tables. */
 #define FAMILY(PFX, W, ATTR)                                                                     \
@@ -270,11 +289,11 @@ static void choose_path(void) {
 }
 
 static PyObject *run(PyObject *args, Py_ssize_t itemsize, const kernel_fn *table) {
-    Py_buffer g = {0}, sm = {0}, ex = {0}, tl = {0}, sb = {0}, cs = {0}, rg = {0}, pb[MAXC];
+    Py_buffer g = {0}, sm = {0}, ex = {0}, tl = {0}, sb = {0}, cs = {0}, rg = {0}, dr = {0}, pb[MAXC];
     PyObject *cands;
     Py_ssize_t cols = 0;
     int k = 0, ok = 0;
-    if (!PyArg_ParseTuple(args, "w*w*w*y*y*O!nw*w*", &g, &sm, &ex, &tl, &sb, &PyTuple_Type, &cands, &cols, &cs, &rg))
+    if (!PyArg_ParseTuple(args, "w*w*w*y*y*O!nw*w*w*", &g, &sm, &ex, &tl, &sb, &PyTuple_Type, &cands, &cols, &cs, &rg, &dr))
         return NULL;
     k = (int)PyTuple_GET_SIZE(cands);
     int got = 0;
@@ -286,7 +305,7 @@ static PyObject *run(PyObject *args, Py_ssize_t itemsize, const kernel_fn *table
     if (sb.len % itemsize || g.len != (Py_ssize_t)sizeof(double) * (k + 1) * (k + 1) ||
         sm.len != (Py_ssize_t)sizeof(double) * (k + 1) || ex.len != (Py_ssize_t)sizeof(int64_t) * 2 * k ||
         tl.len != (Py_ssize_t)sizeof(double) * k || rg.len != g.len || cols < 1 || n % cols || n >= ((Py_ssize_t)1 << 31) ||
-        cs.len != (Py_ssize_t)sizeof(double) * (k + 1) * cols) {
+        cs.len != (Py_ssize_t)sizeof(double) * (k + 1) * cols || dr.len != (Py_ssize_t)sizeof(double) * k) {
         PyErr_SetString(PyExc_ValueError, "output buffers do not match the number of candidates and columns, or the chunk is not whole rows");
         goto done;
     }
@@ -302,7 +321,7 @@ static PyObject *run(PyObject *args, Py_ssize_t itemsize, const kernel_fn *table
     }
     Py_BEGIN_ALLOW_THREADS
     table[k](n, sb.buf, pp, (double *)g.buf, (double *)sm.buf, (int64_t *)ex.buf, (const double *)tl.buf, cols,
-             (double *)cs.buf, (double *)rg.buf);
+             (double *)cs.buf, (double *)rg.buf, (double *)dr.buf);
     Py_END_ALLOW_THREADS
     ok = 1;
 done:
@@ -314,6 +333,7 @@ done:
     PyBuffer_Release(&sb);
     PyBuffer_Release(&cs);
     PyBuffer_Release(&rg);
+    PyBuffer_Release(&dr);
     if (!ok) return NULL;
     Py_RETURN_NONE;
 }

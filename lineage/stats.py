@@ -59,6 +59,8 @@ class Stats:
     sums: torch.Tensor = field(default=None)  # type: ignore[assignment]
     exact: list[int] = field(default_factory=list)
     near: list[int] = field(default_factory=list)  # within storage rounding of the suspect
+    # per candidate j >= 1: sum of (p_j - r)^2 where the suspect is within rounding of r (entry 0: 0)
+    dropped: list[float] = field(default_factory=list)
     nonfinite: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     cols: int = 1  # of the matrix the elements come from (rows = n // cols)
@@ -80,6 +82,8 @@ class Stats:
             self.exact = [0] * len(self.order)
         if not self.near:
             self.near = [0] * len(self.order)
+        if not self.dropped:
+            self.dropped = [0.0] * len(self.order)
 
     def merge(self, other: Stats) -> Stats:
         """Add the stats of another row range of the same comparison."""
@@ -94,6 +98,7 @@ class Stats:
         self.colsum += other.colsum
         self.exact = [a + b for a, b in zip(self.exact, other.exact)]
         self.near = [a + b for a, b in zip(self.near, other.near)]
+        self.dropped = [a + b for a, b in zip(self.dropped, other.dropped)]
         for k, v in other.nonfinite.items():
             self.nonfinite[k] = self.nonfinite.get(k, 0) + v
         self.bytes_read += other.bytes_read
@@ -125,6 +130,7 @@ class Stats:
             "sums": self.sums.tolist(),
             "exact": list(self.exact),
             "near": list(self.near),
+            "dropped": list(self.dropped),
             "nonfinite": dict(self.nonfinite),
             "bytes_read": self.bytes_read,
             "cols": self.cols,
@@ -154,6 +160,7 @@ class Stats:
             sums=torch.tensor(d["sums"], dtype=torch.float64),
             exact=[int(x) for x in d["exact"]],
             near=[int(x) for x in d.get("near") or []],
+            dropped=[float(x) for x in d.get("dropped") or []],
             nonfinite=dict(d.get("nonfinite") or {}),
             bytes_read=int(d.get("bytes_read", 0)),
             cols=cols,
@@ -265,10 +272,17 @@ def _accumulate_torch(
         s, *ps = [reader.read(v, r0, r1).reshape(-1).to(device) for v in views]
         if _count_nonfinite(st, order, [s, *ps]):
             continue
+        kept_ref = None
         for i, p in enumerate(ps):
             st.exact[i] += int((s == p).sum())
             d = s.to(torch.float64) - p.to(torch.float64)
-            st.near[i] += int((d.abs() <= tols[i] * p.to(torch.float64).abs()).sum())
+            close = d.abs() <= tols[i] * p.to(torch.float64).abs()
+            st.near[i] += int(close.sum())
+            if i == 0:
+                kept_ref = close
+            else:
+                delta = p.to(torch.float64) - ps[0].to(torch.float64)
+                st.dropped[i] += float((delta * delta)[kept_ref].sum())
         y = torch.empty(s.numel(), m, dtype=torch.float64, device=device)
         ref = ps[0].to(torch.float64)
         y[:, 0] = ref
@@ -350,11 +364,11 @@ def _accumulate_kernel(
     def fit(xs: list[np.ndarray]) -> tuple | list[np.ndarray]:
         """Stats arrays and element count of one piece; its inputs instead if they hold non-finite values."""
         out = (np.zeros((k + 1, k + 1)), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64))
-        rg, cs = np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols))
-        fn(*out, tols, xs[0], tuple(xs[1:]), cols, cs, rg)
+        rg, cs, dr = np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols)), np.zeros(k)
+        fn(*out, tols, xs[0], tuple(xs[1:]), cols, cs, rg, dr)
         if not (np.isfinite(out[0]).all() and np.isfinite(out[1]).all()):
             return [x.copy() for x in xs]
-        return (*out, rg, cs, xs[0].size)
+        return (*out, rg, cs, dr, xs[0].size)
 
     def fit_mapped(r0: int, r1: int, pieces: list[tuple[int, int]], last: bool) -> list:
         """Fit the pieces of rows [r0, r1) in place in the files' pages, then
@@ -402,7 +416,7 @@ def _accumulate_kernel(
             nxt = pool.submit(load, *work[i + 1], (i + 1) % 2) if i + 1 < len(work) else None
             results += [fit([x[(a - r0) * cols : (b - r0) * cols] for x in xs]) for a, b in cut(r0, r1)]
     totals = [np.zeros((k + 1, k + 1)), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64)]
-    totals += [np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols))]
+    totals += [np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols)), np.zeros(k)]
     for res in results:  # in piece order
         if isinstance(res, list):
             ts = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if raw else torch.from_numpy(x) for x in res]
@@ -411,7 +425,8 @@ def _accumulate_kernel(
         for t, v in zip(totals, res[:-1]):
             t += v
         st.n += res[-1]
-    gram, sums, counts, rowgram, colsum = totals
+    gram, sums, counts, rowgram, colsum, dropped = totals
+    st.dropped = [float(x) for x in dropped]
     st.gram = torch.from_numpy(gram)
     st.sums = torch.from_numpy(sums)
     st.rowgram = torch.from_numpy(rowgram)

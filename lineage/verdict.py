@@ -17,7 +17,11 @@
   the best single parent's (median over matrices); at most 0.9 for a
   sparsified merge (TIES/DARE), recognised because the suspect coincides,
   within storage rounding, with the base and with each parent on >= 15% of
-  elements (reported as `method: unknown`, `merge_family: ties/dare`).
+  elements (reported as `method: unknown`). The family is told by the
+  parents' delta energy where the suspect kept the base's value, per
+  element, against its average: TIES trims the smallest deltas (ratio
+  <= 0.5: `merge_family: ties`), DARE drops at random (>= 0.75: `dare`);
+  in between, or when the base is not the stored reference, `ties/dare`.
   Two fine-tunes of one base have correlated deltas, so their blend fits a
   little better than either; it does not fit 30% better, and the sibling's
   weight is small.
@@ -56,6 +60,8 @@ MIN_WEIGHT = 0.05
 MAX_SPREAD = 0.15
 SPARSE_NEAR = 0.15  # median fraction of elements within rounding of a parent
 SPARSE_GAIN = 0.9
+#: dropped-delta energy ratio (see _sparse_family): TIES below, DARE above
+SPARSE_FAMILY = {"ties_max": 0.5, "dare_min": 0.75}
 NULL = (
     "permutation null: the covariance of suspect and candidate when the candidate's rows and columns are shuffled "
     "(an unrelated matrix with the same row and column structure), mean 0, sd in closed form from row and column "
@@ -284,17 +290,31 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
                 rest = [n for n in related if n not in fit["material"]]
                 b = declared if declared in rest else (rest[0] if len(rest) == 1 else fit["base"])
                 desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
+                family, ratios = _sparse_family(rows, b, [p["name"] for p in parents])
+                evidence["sparse"] = {"dropped_energy_ratio": ratios, "family": family, "criteria": SPARSE_FAMILY}
+                how = {
+                    "ties": "the deltas it dropped are the small ones (TIES trims by magnitude)",
+                    "dare": "the deltas it dropped are of typical size (DARE drops at random and rescales the rest)",
+                    "ties/dare": "whether the dropped deltas were the small ones (TIES) or random ones (DARE) is not clear",
+                }[family]
+                energy = (
+                    " (where it kept the base's value, the parents' deltas carry "
+                    + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items())
+                    + " of their average energy per element)"
+                    if ratios
+                    else f" (not measured: {b} is not the reference column of the stored statistics)"
+                )
                 return doc(
                     "blend",
                     parents,
-                    f"{suspect} is a sparsified merge (TIES/DARE family) of {', '.join(p['name'] for p in parents)} on base {b}: "
+                    f"{suspect} is a sparsified merge ({family.upper()} family) of {', '.join(p['name'] for p in parents)} on base {b}: "
                     f"it coincides with each of them, within storage rounding, on "
                     + ", ".join(f"{n} {fit['evidence']['median_near_frac'][n]:.0%}" for n in [b, *[p["name"] for p in parents]])
-                    + f" of elements, as dropped and kept deltas leave it. Its linear fit, {desc} (95% intervals {intervals}), "
-                    f"leaves {ev['median_gain']:.0%} of the best single parent's residual; the weights agree across tensors "
-                    "but are the linear projection of the merge, not its recipe.",
+                    + f" of elements, as dropped and kept deltas leave it; {how}{energy}. Its linear fit, {desc} (95% "
+                    f"intervals {intervals}), leaves {ev['median_gain']:.0%} of the best single parent's residual; the weights "
+                    "agree across tensors but are the linear projection of the merge, not its recipe.",
                     method="unknown",
-                    merge_family="ties/dare",
+                    merge_family=family,
                     base=b,
                 )
             if len(negative) == 1:
@@ -332,6 +352,7 @@ def decide(suspect: str, rows: list[dict], candidates: list[Candidate], unmatche
                             "sums to exactly 1. The weights are 1 - t and t.",
                             method="slerp",
                             t=round(t["mean"], 6),
+                            slerp={"from": a, "toward": b, "t": round(t["mean"], 6), "ci95": [round(x, 6) for x in t["ci95"]]},
                             base=a,
                         )
                     if interp["median_predicted_excess"] < 3 * interp["median_se"]:
@@ -482,6 +503,38 @@ def _blend_fit(rows: list[dict], use: list[str], base: str | None, near: dict[st
         "evidence": ev,
         "base": base or (bases.most_common(1)[0][0] if bases else None),
     }
+
+
+def _sparse_family(rows: list[dict], base: str, parents: list[str]) -> tuple[str, dict[str, float]]:
+    """TIES, DARE or undecided, from the energy of the parents' deltas where the suspect kept the base.
+
+    Per parent: (its delta energy over the elements where the suspect is
+    within rounding of the base, per such element) / (its delta energy per
+    element overall), pooled over matrices whose stored statistics have the
+    base as reference. DARE drops deltas at random: about 1. TIES trims the
+    smallest: far below 1 (0.2 for a Gaussian delta at density 0.5).
+    """
+    num: dict[str, float] = defaultdict(float)
+    den: dict[str, float] = defaultdict(float)
+    for r in rows:
+        if r["status"] != "ok" or r["ndim"] < 2 or not r["stats_order"] or r["stats_order"][0] != base:
+            continue
+        st = stats_of(r)
+        if st is None or not st.near[0] or not st.dropped:
+            continue
+        for n in parents:
+            if n in st.order:
+                j = st.order.index(n)
+                num[n] += st.dropped[j] / st.near[0]
+                den[n] += float(st.gram[j, j]) / st.n
+    ratios = {n: num[n] / den[n] for n in parents if den.get(n)}
+    if len(ratios) < len(parents):
+        return "ties/dare", ratios
+    if max(ratios.values()) <= SPARSE_FAMILY["ties_max"]:
+        return "ties", ratios
+    if min(ratios.values()) >= SPARSE_FAMILY["dare_min"]:
+        return "dare", ratios
+    return "ties/dare", ratios
 
 
 def _interpolation(rows: list[dict], a: str, b: str) -> dict | None:

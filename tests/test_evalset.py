@@ -36,7 +36,9 @@ def test_every_case_gets_its_class(evaluated):
     wrong = [
         (c["name"], c["expect"], v["verdict"], v.get("method"))
         for c, v in evaluated
-        if v["verdict"] != c["expect"] or (c["method"] and v.get("method") != c["method"])
+        if v["verdict"] != c["expect"]
+        or (c["method"] and v.get("method") != c["method"])
+        or (c["family"] and v.get("merge_family") != c["family"])
     ]
     assert not wrong
     assert len(evaluated) >= 15
@@ -53,10 +55,15 @@ def test_blend_weights_within_0_02(evaluated):
             assert (v["method"], v["base"]) == ("task_arithmetic", c["base"])
 
 
-def test_sparse_merge_is_named_with_its_base(evaluated):
-    (c, v) = next((c, v) for c, v in evaluated if c["name"].startswith("dare"))
-    assert (v["verdict"], v["merge_family"], v["base"]) == ("blend", "ties/dare", "base")
+@pytest.mark.parametrize("family", ["dare", "ties"])
+def test_sparse_merge_is_named_with_its_family_and_base(evaluated, family):
+    """DARE drops deltas at random, TIES trims the smallest: where the suspect kept the
+    base's value the parents' deltas carry their average energy (DARE) or far less (TIES)."""
+    (c, v) = next((c, v) for c, v in evaluated if c["name"].startswith(family))
+    assert (v["verdict"], v["merge_family"], v["base"]) == ("blend", family, "base")
     assert {p["name"] for p in v["parents"]} == {"ft1", "ft2"}
+    ratios = v["evidence"]["sparse"]["dropped_energy_ratio"].values()
+    assert all(r > 0.75 for r in ratios) if family == "dare" else all(r < 0.5 for r in ratios)
 
 
 def test_layer_maps_of_pruned_and_reordered_models(evaluated):
@@ -97,7 +104,9 @@ def test_slerp_is_told_from_linear_and_its_t_reported(evaluated):
     parents carries the evidence that a slerp there would be indistinguishable."""
     (v,) = [v for c, v in evaluated if c["name"].startswith("slerp t=0.6")]
     assert (v["verdict"], v["method"]) == ("blend", "slerp")
-    assert abs(v["t"] - 0.6) < 0.01
+    # t runs from the heavier parent to the lighter: 0.6 from seed0 toward seed1 is 0.4 from seed1 toward seed0
+    assert (v["slerp"]["from"], v["slerp"]["toward"]) == ("seed1", "seed0") and abs(v["t"] - 0.4) < 0.01
+    assert v["slerp"]["ci95"][0] <= v["t"] <= v["slerp"]["ci95"][1]
     assert v["evidence"]["interpolation"]["median_theta_deg"] > 45
     (v,) = [v for c, v in evaluated if c["name"] == "linear 0.6/0.4 (torch)"]
     assert v["method"] == "linear" and not v["evidence"]["interpolation"]["is_slerp"]

@@ -193,6 +193,7 @@ def test_kernel_and_torch_engines_agree(tmp_path, dtypes):
         a = accumulate(g, r, 1 << 14, engine="kernel")
         b = accumulate(g, r, 1 << 14, engine="torch")
     assert a.n == b.n == 301 * 77 and a.exact == b.exact and a.near == b.near
+    assert a.dropped == pytest.approx(b.dropped, rel=1e-10, abs=1e-12)
     assert torch.allclose(a.gram, b.gram, rtol=1e-11, atol=1e-11 * float(b.gram.abs().max()))
     assert torch.allclose(a.sums, b.sums, rtol=1e-9, atol=1e-9 * float(b.sums.abs().max()))
     assert torch.allclose(a.rowgram, b.rowgram, rtol=1e-11, atol=1e-11 * float(b.rowgram.abs().max()))
@@ -283,5 +284,6 @@ def test_threads_and_memory_maps_do_not_change_the_result(tmp_path, monkeypatch)
     ref = out[1, False]
     for key, st in out.items():
         assert st.n == ref.n == 999 * 300 and st.exact == ref.exact and st.near == ref.near, key
+        assert st.dropped == ref.dropped, key
         for name in ("gram", "sums", "rowgram", "colsum"):
             assert torch.equal(getattr(st, name), getattr(ref, name)), (key, name)
