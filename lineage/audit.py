@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lineage import __version__, permute
+from lineage import __version__
 from lineage.align import Group, align
 from lineage.errors import LineageError
 from lineage.layermap import map_layers
@@ -257,6 +257,8 @@ def undo_permutations(verdict: dict, rows: list[dict], suspect: Model, candidate
     unmatched = [t for t, c in corr.items() if c < 0.5 * typical][:MAX_PERMUTATION_SEARCH]
     if not unmatched:
         return verdict
+    from lineage import permute  # reads whole matrices with torch: only imported when needed
+
     parent = next(c for c in candidates if c.name == name)
     with Reader() as reader:
         found = permute.find(suspect, parent, unmatched, reader)

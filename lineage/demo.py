@@ -22,9 +22,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # building the demo imports torch; reading the model set does not
+    import torch
 
 VERSION = "v1"
 NAMES = ("qwen-mini", "nex-mini", "rio-mini")
@@ -85,6 +86,7 @@ def materialize(model_set: dict, cache: Path | None = None) -> dict:
 
 def qwen_weights(gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Canonical float32 weights (fused experts), trained-looking norms near 1."""
+    import torch
 
     def mat(*shape: int) -> torch.Tensor:
         fan_in = shape[-1]
@@ -117,6 +119,8 @@ def qwen_weights(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 def derive(base: dict[str, torch.Tensor], gen: torch.Generator, extra_vocab: int = 40) -> dict[str, torch.Tensor]:
     """A fine-tune-like derivative: low-rank plus dense updates, rescaled norms."""
+    import torch
+
     out = {}
     for k, w in base.items():
         if w.ndim == 1:
@@ -137,6 +141,8 @@ def derive(base: dict[str, torch.Tensor], gen: torch.Generator, extra_vocab: int
 
 def fp8_quantize(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-scaled F8_E4M3: (values, scale_inv) with w ~= values * scale_inv."""
+    import torch
+
     r, c = w.shape
     br, bc = math.ceil(r / block), math.ceil(c / block)
     padded = torch.zeros(br * block, bc * block)
@@ -174,6 +180,8 @@ def split_experts(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def fuse_experts(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-expert matrices -> fused gate_up_proj / down_proj (inverse of split)."""
+    import torch
+
     out = {k: v for k, v in w.items() if ".mlp.experts." not in k}
     for i in range(LAYERS):
         pre = f"layers.{i}.mlp.experts."
@@ -190,6 +198,8 @@ def _fp8_eligible(name: str, w: torch.Tensor) -> bool:
 
 def build(root: Path) -> None:
     """Write the three models under `root`."""
+    import torch
+
     gen = torch.Generator().manual_seed(20260357)
     qwen = qwen_weights(gen)
     qwen_bf16 = {k: v.to(torch.bfloat16) for k, v in qwen.items()}
@@ -218,12 +228,16 @@ def build(root: Path) -> None:
 
 
 def save(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, str(folder / "model.safetensors"))
 
 
 def save_sharded(folder: Path, tensors: dict[str, torch.Tensor], move_scale: str | None = None) -> None:
     """Two shards and an index; `move_scale` goes to the shard its weight is not in."""
+    from safetensors.torch import save_file
+
     folder.mkdir(parents=True, exist_ok=True)
     names = sorted(tensors)
     half = len(names) // 2

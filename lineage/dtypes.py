@@ -10,35 +10,43 @@ of real weights is a few percent, as DESIGN.md says.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 
 @dataclass(frozen=True)
 class DType:
     name: str
     itemsize: int
-    torch_dtype: torch.dtype | None
+    torch_name: str | None  # attribute of the torch module that decodes it
     is_float: bool
     unit_roundoff: float
 
+    @property
+    def torch_dtype(self) -> Any:
+        """The torch dtype, imported on first use: planning and the kernel path never need torch."""
+        if self.torch_name is None:
+            return None
+        import torch
+
+        return getattr(torch, self.torch_name)
+
 
 _TABLE = [
-    DType("F64", 8, torch.float64, True, 2.0**-53),
-    DType("F32", 4, torch.float32, True, 2.0**-24),
-    DType("F16", 2, torch.float16, True, 2.0**-11),
-    DType("BF16", 2, torch.bfloat16, True, 2.0**-8),
-    DType("F8_E4M3", 1, torch.float8_e4m3fn, True, 2.0**-4),
-    DType("F8_E5M2", 1, torch.float8_e5m2, True, 2.0**-3),
-    DType("I64", 8, torch.int64, False, 0.0),
-    DType("I32", 4, torch.int32, False, 0.0),
-    DType("I16", 2, torch.int16, False, 0.0),
-    DType("I8", 1, torch.int8, False, 0.0),
-    DType("U8", 1, torch.uint8, False, 0.0),
+    DType("F64", 8, "float64", True, 2.0**-53),
+    DType("F32", 4, "float32", True, 2.0**-24),
+    DType("F16", 2, "float16", True, 2.0**-11),
+    DType("BF16", 2, "bfloat16", True, 2.0**-8),
+    DType("F8_E4M3", 1, "float8_e4m3fn", True, 2.0**-4),
+    DType("F8_E5M2", 1, "float8_e5m2", True, 2.0**-3),
+    DType("I64", 8, "int64", False, 0.0),
+    DType("I32", 4, "int32", False, 0.0),
+    DType("I16", 2, "int16", False, 0.0),
+    DType("I8", 1, "int8", False, 0.0),
+    DType("U8", 1, "uint8", False, 0.0),
     DType("U16", 2, None, False, 0.0),
     DType("U32", 4, None, False, 0.0),
     DType("U64", 8, None, False, 0.0),
-    DType("BOOL", 1, torch.bool, False, 0.0),
+    DType("BOOL", 1, "bool", False, 0.0),
 ]
 DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
 FP8 = frozenset({"F8_E4M3", "F8_E5M2"})

@@ -48,7 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from lineage.stats import Stats
 
@@ -87,9 +87,9 @@ class Forms:
         self.g = st.gram
         self.m = len(st.order) + 1
 
-    def vec(self, who: str) -> torch.Tensor:
+    def vec(self, who: str) -> np.ndarray:
         """Coefficients over the Y columns of the suspect or a candidate."""
-        v = torch.zeros(self.m, dtype=torch.float64)
+        v = np.zeros(self.m)
         v[0] = 1.0
         if who == "suspect":
             v[self.m - 1] = 1.0
@@ -99,16 +99,16 @@ class Forms:
                 v[i] = 1.0
         return v
 
-    def diff(self, a: str, b: str) -> torch.Tensor:
+    def diff(self, a: str, b: str) -> np.ndarray:
         """Coefficients of a - b; only difference columns, never the reference."""
         v = self.vec(a) - self.vec(b)
         v[0] = 0.0
         return v
 
-    def dot(self, u: torch.Tensor, v: torch.Tensor) -> float:
+    def dot(self, u: np.ndarray, v: np.ndarray) -> float:
         return float(u @ self.g @ v)
 
-    def total(self, u: torch.Tensor) -> float:
+    def total(self, u: np.ndarray) -> float:
         return float(u @ self.st.sums)
 
 
@@ -131,7 +131,7 @@ def single(st: Stats, cand: str) -> Single:
     return Single(cand, _clip(cos), _clip(corr), rel, exact, z)
 
 
-def effects(st: Stats, u: torch.Tensor) -> tuple[float, float, float]:
+def effects(st: Stats, u: np.ndarray) -> tuple[float, float, float]:
     """Sums of squares of the row effects, column effects and interaction of
     the centered matrix with coefficients `u` over the Y columns."""
     n, rows, cols = st.n, st.rows, st.cols
@@ -142,7 +142,7 @@ def effects(st: Stats, u: torch.Tensor) -> tuple[float, float, float]:
     return r, c, max(ss - r - c, 0.0)
 
 
-def null_sd(st: Stats, u: torch.Tensor, v: torch.Tensor) -> float:
+def null_sd(st: Stats, u: np.ndarray, v: np.ndarray) -> float:
     """Standard deviation of the covariance of `u` and `v` under the permutation null."""
     rows, cols = st.rows, st.cols
     ru, cu, eu = effects(st, u)
@@ -198,21 +198,21 @@ def blend(st: Stats, use: list[str] | None = None, base: str | None = None) -> B
     if not kept:
         weights[base], se[base] = 1.0, 0.0
         return Blend(base, weights, se, math.sqrt(tt / ss) if ss > 0 else 0.0, 0.0, 0.0, float("inf"), _raw_cond(f, use))
-    C = torch.stack([cols[i] for i in kept], dim=1)  # m x q
+    C = np.stack([cols[i] for i in kept], axis=1)  # m x q
     A = C.T @ f.g @ C
     g = C.T @ f.g @ t
     q = len(kept)
-    aug = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    aug = np.zeros((q + 1, q + 1))
     aug[:q, :q], aug[:q, q], aug[q, :q], aug[q, q] = A, g, g, tt
-    dscale = torch.sqrt(torch.clamp(torch.diagonal(aug), min=1e-300))
-    L, info = torch.linalg.cholesky_ex(aug / torch.outer(dscale, dscale))
-    a = torch.linalg.solve(A, g)
-    if int(info) == 0:
+    dscale = np.sqrt(np.maximum(np.diagonal(aug), 1e-300))
+    a = np.linalg.solve(A, g)
+    try:
+        L = np.linalg.cholesky(aug / np.outer(dscale, dscale))
         rss = float((L[q, q] * dscale[q]) ** 2)
-    else:  # exact fit: the augmented matrix is singular
+    except np.linalg.LinAlgError:  # exact fit: the augmented matrix is singular
         rss = max(tt - float(g @ a), 0.0)
     dof = max(st.n - q, 1)
-    cov = (rss / dof) * torch.linalg.inv(A)
+    cov = (rss / dof) * np.linalg.inv(A)
     for j, i in enumerate(kept):
         weights[others[i]] = float(a[j])
         se[others[i]] = math.sqrt(max(float(cov[j, j]), 0.0))
@@ -231,28 +231,28 @@ def blend(st: Stats, use: list[str] | None = None, base: str | None = None) -> B
     )
 
 
-def _independent(f: Forms, kept: list[torch.Tensor], c: torch.Tensor) -> bool:
+def _independent(f: Forms, kept: list[np.ndarray], c: np.ndarray) -> bool:
     cc = f.dot(c, c)
     if cc <= 0:
         return False
     if not kept:
         return True
-    K = torch.stack(kept, dim=1)
+    K = np.stack(kept, axis=1)
     A = K.T @ f.g @ K
     g = K.T @ f.g @ c
-    resid = cc - float(g @ torch.linalg.solve(A, g))
+    resid = cc - float(g @ np.linalg.solve(A, g))
     return resid > DEPENDENT * cc
 
 
-def _cond(A: torch.Tensor) -> float:
-    d = torch.sqrt(torch.clamp(torch.diagonal(A), min=1e-300))
-    ev = torch.linalg.eigvalsh(A / torch.outer(d, d))
+def _cond(A: np.ndarray) -> float:
+    d = np.sqrt(np.maximum(np.diagonal(A), 1e-300))
+    ev = np.linalg.eigvalsh(A / np.outer(d, d))
     return float(ev[-1] / ev[0]) if float(ev[0]) > 0 else float("inf")
 
 
 def _raw_cond(f: Forms, use: list[str]) -> float:
     """Condition number of the unconstrained fit on raw candidate vectors."""
-    P = torch.stack([f.vec(c) for c in use], dim=1)
+    P = np.stack([f.vec(c) for c in use], axis=1)
     return _cond(P.T @ f.g @ P)
 
 
@@ -281,14 +281,14 @@ def interpolation(st: Stats, a: str, b: str) -> Interpolation | None:
     cosine 0.999, where the raw 2x2 system is not)."""
     f = Forms(st)
     A, d, t_ = f.vec(a), f.diff(b, a), f.diff("suspect", a)
-    C = torch.stack([A, d], dim=1)
+    C = np.stack([A, d], axis=1)
     G = C.T @ f.g @ C
     g = C.T @ f.g @ t_
-    if st.n < 3 or float(torch.linalg.det(G)) <= 0:
+    if st.n < 3 or float(np.linalg.det(G)) <= 0:
         return None
-    coef = torch.linalg.solve(G, g)
+    coef = np.linalg.solve(G, g)
     rss = max(f.dot(t_, t_) - float(g @ coef), 0.0)
-    cov = rss / (st.n - 2) * torch.linalg.inv(G)
+    cov = rss / (st.n - 2) * np.linalg.inv(G)
     e, c_b = float(coef[0]), float(coef[1])
     B = f.vec(b)
     aa, bb = f.dot(A, A), f.dot(B, B)

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from functools import cache
 
 import numpy as np
-import torch
 
 from lineage.align import Group
 from lineage.dtypes import rounding_tolerance
@@ -55,8 +54,8 @@ except ImportError:  # pragma: no cover - built without a C compiler
 class Stats:
     order: list[str]  # candidates in column order; order[0] is the reference
     n: int = 0
-    gram: torch.Tensor = field(default=None)  # type: ignore[assignment]
-    sums: torch.Tensor = field(default=None)  # type: ignore[assignment]
+    gram: np.ndarray = field(default=None)  # type: ignore[assignment]
+    sums: np.ndarray = field(default=None)  # type: ignore[assignment]
     exact: list[int] = field(default_factory=list)
     near: list[int] = field(default_factory=list)  # within storage rounding of the suspect
     # per candidate j >= 1: sum of (p_j - r)^2 where the suspect is within rounding of r (entry 0: 0)
@@ -64,20 +63,20 @@ class Stats:
     nonfinite: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     cols: int = 1  # of the matrix the elements come from (rows = n // cols)
-    rowgram: torch.Tensor = field(default=None)  # type: ignore[assignment]  # Gram of per-row sums
-    colsum: torch.Tensor | None = None  # m x cols; None once folded into colgram
-    colgram_: torch.Tensor | None = None  # Gram of per-column sums, when colsum is gone
+    rowgram: np.ndarray = field(default=None)  # type: ignore[assignment]  # Gram of per-row sums
+    colsum: np.ndarray | None = None  # m x cols; None once folded into colgram
+    colgram_: np.ndarray | None = None  # Gram of per-column sums, when colsum is gone
 
     def __post_init__(self) -> None:
         m = len(self.order) + 1
         if self.gram is None:
-            self.gram = torch.zeros(m, m, dtype=torch.float64)
+            self.gram = np.zeros((m, m))
         if self.sums is None:
-            self.sums = torch.zeros(m, dtype=torch.float64)
+            self.sums = np.zeros(m)
         if self.rowgram is None:
-            self.rowgram = torch.zeros(m, m, dtype=torch.float64)
+            self.rowgram = np.zeros((m, m))
         if self.colsum is None and self.colgram_ is None:
-            self.colsum = torch.zeros(m, self.cols, dtype=torch.float64)
+            self.colsum = np.zeros((m, self.cols))
         if not self.exact:
             self.exact = [0] * len(self.order)
         if not self.near:
@@ -109,7 +108,7 @@ class Stats:
         return self.n // self.cols
 
     @property
-    def colgram(self) -> torch.Tensor:
+    def colgram(self) -> np.ndarray:
         return self.colsum @ self.colsum.T if self.colsum is not None else self.colgram_  # type: ignore[return-value]
 
     def fold(self) -> Stats:
@@ -135,7 +134,7 @@ class Stats:
             "bytes_read": self.bytes_read,
             "cols": self.cols,
             "rowgram": self.rowgram.flatten().tolist(),
-            "colsum": None if self.colsum is None else self.colsum.numpy().copy(),
+            "colsum": None if self.colsum is None else self.colsum.copy(),
             "colgram": None if self.colgram_ is None else self.colgram_.flatten().tolist(),
         }
 
@@ -145,19 +144,19 @@ class Stats:
         (they then get the structure-free null, see fit.single)."""
         m = len(d["order"]) + 1
 
-        def mat(x) -> torch.Tensor | None:
-            return None if x is None or len(x) == 0 else torch.tensor(np.asarray(x, dtype=np.float64)).reshape(m, -1)
+        def mat(x) -> np.ndarray | None:
+            return None if x is None or len(x) == 0 else np.array(x, dtype=np.float64).reshape(m, -1)
 
         cols = int(d.get("cols") or 1)
         colsum, colgram = mat(d.get("colsum")), mat(d.get("colgram"))
         rowgram = mat(d.get("rowgram"))
         if rowgram is None:  # no structure recorded: every element its own row
-            cols, colgram = 1, torch.zeros(m, m, dtype=torch.float64)
+            cols, colgram = 1, np.zeros((m, m))
         return cls(
             order=list(d["order"]),
             n=int(d["n"]),
-            gram=torch.tensor(d["gram"], dtype=torch.float64).reshape(m, m),
-            sums=torch.tensor(d["sums"], dtype=torch.float64),
+            gram=np.array(d["gram"], dtype=np.float64).reshape(m, m),
+            sums=np.array(d["sums"], dtype=np.float64),
             exact=[int(x) for x in d["exact"]],
             near=[int(x) for x in d.get("near") or []],
             dropped=[float(x) for x in d.get("dropped") or []],
@@ -249,28 +248,36 @@ def accumulate(
     return st
 
 
-def _count_nonfinite(st: Stats, order: list[str], xs: list[torch.Tensor]) -> bool:
-    """Record non-finite values per side; True if the chunk has any."""
-    bad = False
-    for label, x in zip(["suspect", *order], xs):
-        nf = x.numel() - int(torch.isfinite(x).sum())
+def _count_nonfinite(st: Stats, order: list[str], counts: list[int]) -> bool:
+    """Record non-finite values per side (suspect first); True if the chunk has any."""
+    for label, nf in zip(["suspect", *order], counts):
         if nf:
             st.nonfinite[label] = st.nonfinite.get(label, 0) + nf
-            bad = True
-    return bad
+    return any(counts)
+
+
+def _nonfinite_np(x: np.ndarray) -> int:
+    """Non-finite values in float32 values or BF16 bits (exponent all ones)."""
+    if x.dtype == np.uint16:
+        return int(np.count_nonzero((x & 0x7F80) == 0x7F80))
+    return int(x.size - np.count_nonzero(np.isfinite(x)))
 
 
 def _accumulate_torch(
     group: Group, views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str
 ) -> Stats:
+    import torch  # only this engine needs it: workers on the kernel path never import torch
+
     cols = views[0].cols
     st = Stats(order, cols=cols)
     colsum = torch.zeros(len(order) + 1, cols, dtype=torch.float64, device=device)
+    gram = torch.zeros(len(order) + 1, len(order) + 1, dtype=torch.float64)
+    sums, rowgram = torch.zeros(len(order) + 1, dtype=torch.float64), torch.zeros_like(gram)
     tols = near_tolerances(views)
     m = len(order) + 1
     for r0, r1 in chunks(ranges, rows_per_chunk(group, chunk_bytes)):
         s, *ps = [reader.read(v, r0, r1).reshape(-1).to(device) for v in views]
-        if _count_nonfinite(st, order, [s, *ps]):
+        if _count_nonfinite(st, order, [x.numel() - int(torch.isfinite(x).sum()) for x in (s, *ps)]):
             continue
         kept_ref = None
         for i, p in enumerate(ps):
@@ -289,14 +296,14 @@ def _accumulate_torch(
         for j, p in enumerate(ps[1:], start=1):
             torch.sub(p.to(torch.float64), ref, out=y[:, j])
         torch.sub(s.to(torch.float64), ref, out=y[:, m - 1])
-        st.gram += (y.T @ y).cpu()
-        st.sums += y.sum(0).cpu()
+        gram += (y.T @ y).cpu()
+        sums += y.sum(0).cpu()
         by_row = y.view(-1, cols, m)
         rs = by_row.sum(1)
-        st.rowgram += (rs.T @ rs).cpu()
+        rowgram += (rs.T @ rs).cpu()
         colsum += by_row.sum(0).T
         st.n += s.numel()
-    st.colsum = colsum.cpu()
+    st.gram, st.sums, st.rowgram, st.colsum = gram.numpy(), sums.numpy(), rowgram.numpy(), colsum.cpu().numpy()
     return st
 
 
@@ -419,18 +426,14 @@ def _accumulate_kernel(
     totals += [np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols)), np.zeros(k)]
     for res in results:  # in piece order
         if isinstance(res, list):
-            ts = [torch.from_numpy(x.view(np.int16)).view(torch.bfloat16) if raw else torch.from_numpy(x) for x in res]
-            _count_nonfinite(st, order, ts)
+            _count_nonfinite(st, order, [_nonfinite_np(x) for x in res])
             continue
         for t, v in zip(totals, res[:-1]):
             t += v
         st.n += res[-1]
     gram, sums, counts, rowgram, colsum, dropped = totals
     st.dropped = [float(x) for x in dropped]
-    st.gram = torch.from_numpy(gram)
-    st.sums = torch.from_numpy(sums)
-    st.rowgram = torch.from_numpy(rowgram)
-    st.colsum = torch.from_numpy(colsum)
+    st.gram, st.sums, st.rowgram, st.colsum = gram, sums, rowgram, colsum
     st.exact = [int(e) for e in counts[:k]]
     st.near = [int(e) for e in counts[k:]]
     return st

@@ -24,13 +24,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from lineage.dtypes import DTYPES, FP8
 from lineage.errors import LineageError
 from lineage.header import TensorEntry
 from lineage.layout import FP8_BLOCK
+
+if TYPE_CHECKING:  # decoding imports torch when it runs; the BF16 kernel path never does
+    import torch
 
 HUGE = 2 << 20  # bytes of the largest page the kernel maps a file with (x86-64, arm64 4K)
 
@@ -329,6 +331,8 @@ class Reader:
 
     def read(self, view: View, a: int, b: int) -> torch.Tensor:
         """Rows [a, b) of `view` as a float32 (float64 for F64) [b - a, cols] tensor."""
+        import torch
+
         parts = []
         base = 0
         for seg in view.segments:
@@ -342,6 +346,8 @@ class Reader:
 
     def read_segment(self, seg: Segment, r0: int, r1: int) -> torch.Tensor:
         """Absolute rows [r0, r1) of the tensor behind `seg`, decoded."""
+        import torch
+
         dt = DTYPES[seg.dtype]
         if dt.torch_dtype is None or not dt.is_float:
             raise LineageError(f"{seg.path} [{seg.name}]: {seg.dtype} is not a float dtype")
@@ -355,6 +361,8 @@ class Reader:
 
     def _scales(self, seg: Segment, r0: int, r1: int) -> torch.Tensor:
         """Per-element scale factors for rows [r0, r1): blocks expanded and cropped."""
+        import torch
+
         sc = seg.scale
         assert sc is not None
         rows = torch.arange(r0, r1)
