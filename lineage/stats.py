@@ -34,7 +34,8 @@ workers and the partial stats summed exactly (up to float64 addition order).
 from __future__ import annotations
 
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -314,6 +315,8 @@ def _accumulate_torch(
 #: the result) does not depend on how many threads ran them.
 KERNEL_CHUNK = 16 << 20
 KERNEL_SPLIT = 2
+#: Chunks mapped ahead of the one being finished, so kernel threads never wait for each other.
+AHEAD = 2
 
 
 @cache
@@ -377,31 +380,51 @@ def _accumulate_kernel(
             return [x.copy() for x in xs]
         return (*out, rg, cs, dr, xs[0].size)
 
-    def fit_mapped(r0: int, r1: int, pieces: list[tuple[int, int]], last: bool) -> list:
-        """Fit the pieces of rows [r0, r1) in place in the files' pages, then
-        drop those pages from this process (read into buffers if a side
-        cannot be mapped)."""
-        mvs = [reader.map_rows(v, r0, r1) for v in views]
-        try:
-            if any(m is None for m in mvs):
-                return [fit(load(a, b, 0)) for a, b in pieces]
-            return fit_pieces([np.frombuffer(m, dtype=np.uint16) for m in mvs], r0, pieces)  # type: ignore[arg-type]
-        finally:
+    def fit_mapped() -> list:
+        """Fit every chunk in place in the files' pages, keeping the kernel
+        threads busy across chunk boundaries (up to AHEAD chunks mapped at
+        once), and drop each chunk's pages from this process once its pieces
+        are done. Chunks that cannot be mapped are read into buffers."""
+        out: list = []
+        pending: deque = deque()
+
+        def finish() -> None:
+            r0, r1, mvs, futs, last = pending.popleft()
+            out.extend(f.result() if isinstance(f, Future) else f for f in futs)
             for v, m in zip(views, mvs):
-                if m is not None:
-                    try:
-                        m.release()
-                    except BufferError:  # an exception's traceback still holds the arrays
-                        pass
-                    reader.unmap_rows(v, r0, r1, last)
+                try:
+                    m.release()
+                except BufferError:  # an exception's traceback still holds the arrays
+                    pass
+                reader.unmap_rows(v, r0, r1, last)
 
-    def fit_pieces(xs: list[np.ndarray], r0: int, pieces: list[tuple[int, int]]) -> list:
-        """The pieces of chunk `xs` (rows from r0), on the kernel threads."""
-
-        def one(ab: tuple[int, int]) -> tuple | list:
-            return fit([x[(ab[0] - r0) * cols : (ab[1] - r0) * cols] for x in xs])
-
-        return list(_kernel_pool(threads).map(one, pieces)) if threads > 1 else [one(ab) for ab in pieces]
+        try:
+            for i, (r0, r1) in enumerate(work):
+                last = i == len(work) - 1 or work[i + 1][0] != r1
+                mvs = [reader.map_rows(v, r0, r1) for v in views]
+                if any(m is None for m in mvs):
+                    while pending:
+                        finish()
+                    for m in mvs:
+                        if m is not None:
+                            m.release()
+                    out.extend(fit(load(a, b, 0)) for a, b in cut(r0, r1))
+                    continue
+                xs = [np.frombuffer(m, dtype=np.uint16) for m in mvs]  # type: ignore[arg-type]
+                parts = [[x[(a - r0) * cols : (b - r0) * cols] for x in xs] for a, b in cut(r0, r1)]
+                del xs
+                if threads > 1:
+                    futs = [_kernel_pool(threads).submit(fit, part) for part in parts]
+                else:
+                    futs = [fit(part) for part in parts]
+                del parts
+                pending.append((r0, r1, mvs, futs, last))
+                while len(pending) > (AHEAD if threads > 1 else 0):
+                    finish()
+        finally:
+            while pending:
+                finish()
+        return out
 
     def cut(r0: int, r1: int) -> list[tuple[int, int]]:
         cuts = [r0 + (r1 - r0) * j // KERNEL_SPLIT for j in range(KERNEL_SPLIT + 1)]
@@ -410,8 +433,7 @@ def _accumulate_kernel(
     results: list = []
     mapped = raw and mmap_ok and all(len(v.segments) == 1 for v in views)
     if mapped:  # no copy and no read thread: the kernel threads touch the pages themselves
-        for i, (r0, r1) in enumerate(work):
-            results += fit_mapped(r0, r1, cut(r0, r1), i == len(work) - 1 or work[i + 1][0] != r1)
+        results = fit_mapped()
     elif threads > 1:
         pieces = [ab for r in work for ab in cut(*r)]
         results = list(_kernel_pool(threads).map(lambda ab: fit(load(*ab, 0)), pieces))
