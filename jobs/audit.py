@@ -48,11 +48,12 @@ def connect(s: Settings) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
-    ray.init(
-        num_cpus=s.compute.num_cpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
+    # Workers must import `jobs` and `lineage`. The embedded Ray's processes inherit this
+    # environment, so PYTHONPATH is set here rather than through a runtime_env, which would
+    # keep Ray from using the workers it starts with the cluster (3.4 s here, per audit).
+    paths = [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    ray.init(num_cpus=s.compute.num_cpus, include_dashboard=False)
     return True
 
 
