@@ -44,6 +44,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define MAXC 8      /* candidates per call */
@@ -276,11 +277,16 @@ FAMILY(avx512, 8, __attribute__((target("arch=skylake-avx512"))))
 static const kernel_fn *BF16 = generic_BF16, *F32 = generic_F32;
 static const char *PATH = "generic (4-lane vectors)";
 
+/* The widest path this CPU runs; LINEAGE_KERNEL_PATH=avx2|generic asks for a
+ * narrower one (the tests check that every path gives the same bits). */
 static void choose_path(void) {
+    const char *want = getenv("LINEAGE_KERNEL_PATH");
+    if (want && strcmp(want, "generic") == 0) return;
 #ifdef X86_WIDE
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl")) {
+    int avx2_only = want && strcmp(want, "avx2") == 0;
+    if (!avx2_only && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
         BF16 = avx512_BF16, F32 = avx512_F32, PATH = "avx512 (8-lane vectors)";
     } else if (__builtin_cpu_supports("avx2")) {
         BF16 = avx2_BF16, F32 = avx2_F32, PATH = "avx2 (4-lane vectors)";

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -314,3 +315,41 @@ def test_mapped_pages_do_not_stay_resident(tmp_path):
         grown_mb = (_rss_file_kb() - before) / 1024
     assert st.n == 8192 * 4096 and r.bytes_read >= 3 * 64 * 2**20
     assert grown_mb < 24, grown_mb
+
+
+_PATH_PROBE = """
+import sys, json
+import numpy as np
+from lineage import _kernel
+rng = np.random.default_rng(7)
+cols, rows, k = 300, 37, 3  # 300 = 37 full steps + a 4-element tail per row
+xs = [(rng.standard_normal(rows * cols).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16) for _ in range(k + 1)]
+xs[1][::5] = xs[0][::5]  # equal and near-equal elements, for the counts and the dropped energy
+out = [np.zeros((k + 1) ** 2), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64)]
+cs, rg, dr = np.zeros((k + 1) * cols), np.zeros((k + 1) ** 2), np.zeros(k)
+_kernel.accumulate_bf16(*out, np.full(k, 2.0**-8), xs[0], tuple(xs[1:]), cols, cs, rg, dr)
+print(json.dumps({"path": _kernel.path(), "bits": [a.tobytes().hex() for a in (*out, cs, rg, dr)]}))
+"""
+
+
+def test_every_vector_path_gives_the_same_bits():
+    """The AVX-512, AVX2 and generic kernels add the same numbers in the same order:
+    their results are equal bit for bit (this CPU runs the ones it supports)."""
+    import json
+    import subprocess
+    import sys
+
+    from lineage import stats as S
+
+    if S._kernel is None:
+        pytest.skip("lineage._kernel not built")
+    got = {}
+    for want in ("", "avx2", "generic"):
+        env = {**os.environ, "LINEAGE_KERNEL_PATH": want}
+        r = subprocess.run([sys.executable, "-c", _PATH_PROBE], env=env, capture_output=True, text=True, check=True)
+        d = json.loads(r.stdout)
+        got[d["path"]] = d["bits"]
+    assert len(got) >= 2, got.keys()  # at least the generic path and this CPU's own
+    first = next(iter(got.values()))
+    for path, bits in got.items():
+        assert bits == first, path
