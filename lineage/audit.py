@@ -31,7 +31,7 @@ from lineage.layermap import map_layers
 from lineage.modelset import ModelSet
 from lineage.output import TensorWriter, atomic_write_bytes, read_rows, write_verdicts
 from lineage.plan import Unit, plan_units
-from lineage.rows import tensor_row
+from lineage.rows import ROWS_VERSION, tensor_row
 from lineage.source import Model, resolve
 from lineage.stats import Stats
 from lineage.verdict import Z_SIG, Candidate, decide, unreadable
@@ -69,7 +69,7 @@ class AuditPlan:
 
     def fingerprint(self, sample_fraction: float = 1.0) -> str:
         """What decides the results: the models' tensors, the model set, the sampling."""
-        h = hashlib.sha256(f"sample={sample_fraction!r}".encode())
+        h = hashlib.sha256(f"sample={sample_fraction!r}|rows={ROWS_VERSION}".encode())
         ms = self.model_set
         h.update(json.dumps([ms.name, [(m.name, m.base) for m in ms.suspects + ms.candidates], sorted(self.failed)]).encode())
         for m in self.suspects + self.candidates:

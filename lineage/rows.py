@@ -19,6 +19,12 @@ from lineage.dtypes import rounding_tolerance
 from lineage.fit import blend, single
 from lineage.stats import Stats
 
+#: Bumped when the stored statistics change meaning or columns (2: row and
+#: column sums for the permutation null, dropped-delta energy). Part of the
+#: audit fingerprint, so an output_dir written by another version is refused,
+#: never resumed into a mixed dataset.
+ROWS_VERSION = 2
+
 CANDIDATE = pa.struct(
     [
         ("candidate", pa.string()),
