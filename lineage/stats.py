@@ -280,6 +280,12 @@ def _accumulate_torch(
         s, *ps = [reader.read(v, r0, r1).reshape(-1).to(device) for v in views]
         if _count_nonfinite(st, order, [x.numel() - int(torch.isfinite(x).sum()) for x in (s, *ps)]):
             continue
+        y = torch.empty(s.numel(), m, dtype=torch.float64, device=device)
+        ref = ps[0].to(torch.float64)
+        y[:, 0] = ref
+        for j, p in enumerate(ps[1:], start=1):
+            torch.sub(p.to(torch.float64), ref, out=y[:, j])
+        torch.sub(s.to(torch.float64), ref, out=y[:, m - 1])
         kept_ref = None
         for i, p in enumerate(ps):
             st.exact[i] += int((s == p).sum())
@@ -288,15 +294,8 @@ def _accumulate_torch(
             st.near[i] += int(close.sum())
             if i == 0:
                 kept_ref = close
-            else:
-                delta = p.to(torch.float64) - ps[0].to(torch.float64)
-                st.dropped[i] += float((delta * delta)[kept_ref].sum())
-        y = torch.empty(s.numel(), m, dtype=torch.float64, device=device)
-        ref = ps[0].to(torch.float64)
-        y[:, 0] = ref
-        for j, p in enumerate(ps[1:], start=1):
-            torch.sub(p.to(torch.float64), ref, out=y[:, j])
-        torch.sub(s.to(torch.float64), ref, out=y[:, m - 1])
+            else:  # y[:, i] is p_i - r
+                st.dropped[i] += float(y[:, i][kept_ref].pow(2).sum())
         gram += (y.T @ y).cpu()
         sums += y.sum(0).cpu()
         by_row = y.view(-1, cols, m)
@@ -384,7 +383,7 @@ def _accumulate_kernel(
         """Fit every chunk in place in the files' pages, keeping the kernel
         threads busy across chunk boundaries (up to AHEAD chunks mapped at
         once), and drop each chunk's pages from this process once its pieces
-        are done. Chunks that cannot be mapped are read into buffers."""
+        are done."""
         out: list = []
         pending: deque = deque()
 
@@ -401,15 +400,7 @@ def _accumulate_kernel(
         try:
             for i, (r0, r1) in enumerate(work):
                 last = i == len(work) - 1 or work[i + 1][0] != r1
-                mvs = [reader.map_rows(v, r0, r1) for v in views]
-                if any(m is None for m in mvs):
-                    while pending:
-                        finish()
-                    for m in mvs:
-                        if m is not None:
-                            m.release()
-                    out.extend(fit(load(a, b, 0)) for a, b in cut(r0, r1))
-                    continue
+                mvs = [reader.map_rows(v, r0, r1) for v in views]  # one segment per view: never None
                 xs = [np.frombuffer(m, dtype=np.uint16) for m in mvs]  # type: ignore[arg-type]
                 parts = [[x[(a - r0) * cols : (b - r0) * cols] for x in xs] for a, b in cut(r0, r1)]
                 del xs

@@ -285,11 +285,8 @@ class Reader:
     def _map(self, path: str, name: str, end: int) -> mmap.mmap:
         with self._lock:
             mm = self._maps.get(path)
-            if mm is None:
-                fd = self._fd(path)
-                if os.fstat(fd).st_size < end:
-                    raise LineageError(f"{path} [{name}]: file ends before byte {end}; truncated?")
-                mm = self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            if mm is None:  # the whole file, as long as it is now
+                mm = self._maps[path] = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_READ)
             if len(mm) < end:
                 raise LineageError(f"{path} [{name}]: file ends before byte {end}; truncated?")
             return mm
