@@ -60,7 +60,24 @@ def forward(w: dict[str, torch.Tensor], tokens: torch.Tensor, layers: int, heads
 def train(
     w: dict[str, torch.Tensor], text: torch.Tensor, steps: int, lr: float, seed: int, cfg: dict, batch: int = 8, ctx: int = 64
 ) -> dict[str, torch.Tensor]:
-    """`steps` AdamW steps of next-byte prediction on random windows of `text`."""
+    """`steps` AdamW steps of next-byte prediction on random windows of `text`.
+
+    On one thread: torch's multi-threaded CPU kernels add in an order that
+    varies from run to run (1e-5 apart after 60 steps), and the evaluation
+    set must be the same models every time it is built (tests compare its
+    verdicts with stored ones). It costs about 5% here.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(w, text, steps, lr, seed, cfg, batch, ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    w: dict[str, torch.Tensor], text: torch.Tensor, steps: int, lr: float, seed: int, cfg: dict, batch: int, ctx: int
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     params = {k: v.detach().clone().float().requires_grad_(True) for k, v in w.items()}
     opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)

@@ -13,6 +13,7 @@ import pytest
 from benchmarks.evalset import cases
 from lineage.audit import run_local
 from lineage.modelset import ModelSet
+from tests.golden import load, same
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +111,17 @@ def test_slerp_is_told_from_linear_and_its_t_reported(evaluated):
     assert v["evidence"]["interpolation"]["median_theta_deg"] > 45
     (v,) = [v for c, v in evaluated if c["name"] == "linear 0.6/0.4 (torch)"]
     assert v["method"] == "linear" and not v["evidence"]["interpolation"]["is_slerp"]
+
+
+def test_verdicts_unchanged_from_the_stored_copy(evaluated):
+    """Every verdict document equals the one stored before the verdict was redesigned
+    (tests/golden.py); mergekit's DARE merges draw random masks, so only their class,
+    method and family are compared."""
+    stored = load("eval_verdicts.json") | load("eval_verdicts_mergekit.json")
+    for c, v in evaluated:
+        want = stored[c["name"]]
+        if "dare" in c["name"] and "mergekit" in c["name"]:
+            keys = ("verdict", "method", "merge_family", "base")
+            assert {k: v.get(k) for k in keys} == {k: want.get(k) for k in keys}, c["name"]
+        else:
+            assert same(v, want) == [], c["name"]
