@@ -6,38 +6,82 @@ and return small statistics; the reducer writes each tensor's row as soon
 as it is complete and decides the verdicts at the end. Only names, offsets
 and statistics travel through Ray.
 
-It starts an embedded Ray unless it finds one to attach to (`RAY_ADDRESS`,
-set by `ray job submit`, or `compute.address`), and shuts down only what it
+It starts an embedded Ray (`address="local"`: never one it happens to find
+on the host) unless told to attach to a cluster (`RAY_ADDRESS`, set by
+`ray job submit`, or `compute.address`), and shuts down only what it
 started.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 import hydra
 import ray
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from jobs.settings import Settings
 from jobs.workers import Dispatcher
 from lineage.audit import AuditPlan, Reducer, plan_audit
-from lineage.errors import LineageError
+from lineage.errors import LineageError, printable
+from lineage.outdir import lock, prepare
+from lineage.output import atomic_write_bytes
 from lineage.plan import imbalance
 from lineage.report import table
 
 REPO = Path(__file__).resolve().parent.parent
 #: Exit codes: 0 all audited; 1 Hydra config error; 2 bad input, nothing
-#: audited (LineageError); 3 audit done but some suspects could not be opened.
+#: audited (LineageError); 3 audit done but some suspects could not be opened;
+#: 130 / 143 stopped by SIGINT / SIGTERM (a rerun resumes).
 EXIT_SOME_FAILED = 3
+#: How long an attached cluster may take to offer a node that can run a unit
+#: (an autoscaler starting one) before the audit is refused.
+SCHEDULE_WAIT_S = 600
+
+
+class Stopped(BaseException):
+    """SIGINT or SIGTERM: stop the workers and Ray, keep what is written, exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+log = logging.getLogger("lineage")
+log.addHandler(logging.NullHandler())  # outside a run (no audit.log yet) log lines go nowhere, not to stderr
 
 
 def say(msg: str) -> None:
-    """Plain progress lines; Ray prefixes worker output, so the driver prints its own."""
-    print(f"[lineage] {msg}", flush=True)
+    """Plain progress lines (Ray prefixes worker output, so the driver prints its own),
+    also kept in OUTPUT_DIR/audit.log."""
+    line = printable(msg)
+    print(f"[lineage] {line}", flush=True)
+    log.info(line)
+
+
+def reachable(address: str, timeout: float = 5.0) -> str | None:
+    """None when something listens at a Ray address (host:port or ray://host:port), else why not.
+
+    A head that died without `ray stop` leaves its address behind, and
+    ray.init would retry it for minutes; a quick TCP connect tells at once."""
+    if address == "auto":
+        return None  # Ray reads its own address file: the user asked for that
+    u = urlparse(address if "://" in address else f"tcp://{address}")
+    if not u.hostname or not u.port:
+        return None
+    try:
+        with socket.create_connection((u.hostname, u.port), timeout=timeout):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
 
 
 def connect(s: Settings) -> bool:
@@ -46,6 +90,12 @@ def connect(s: Settings) -> bool:
         return False
     address = s.compute.address or os.environ.get("RAY_ADDRESS")
     if address:
+        why = reachable(address)
+        if why is not None:
+            raise LineageError(
+                f"Ray at {address} does not answer ({why}); start the cluster, or unset RAY_ADDRESS "
+                "(and compute.address) to run on an embedded Ray"
+            )
         ray.init(address=address, log_to_driver=True)
         return True
     # Workers must import `jobs` and `lineage`. The embedded Ray's processes inherit this
@@ -53,8 +103,33 @@ def connect(s: Settings) -> bool:
     # keep Ray from using the workers it starts with the cluster (3.4 s here, per audit).
     paths = [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    ray.init(num_cpus=s.compute.num_cpus, include_dashboard=False)
+    # address="local": a new Ray of our own, never one whose address file another job left on the host
+    ray.init(address="local", num_cpus=s.compute.num_cpus, include_dashboard=False)
     return True
+
+
+def check_resources(s: Settings, embedded: bool) -> None:
+    """Refuse work no node can run: a unit asks for `cpus_per_task` CPUs and
+    `gpus_per_task` GPUs on one node. An embedded Ray has all it will ever
+    have; an attached cluster may be autoscaling, so it gets SCHEDULE_WAIT_S."""
+    c = s.compute
+    want = {"CPU": c.cpus_per_task, "GPU": c.gpus_per_task}
+    deadline = time.monotonic() + (0 if embedded else SCHEDULE_WAIT_S)
+    told = False
+    while True:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if any(all(r.get(k, 0) >= v for k, v in want.items() if v > 0) for r in nodes):
+            return
+        if time.monotonic() >= deadline:
+            have = ", ".join(f"{r.get('CPU', 0):g} CPU / {r.get('GPU', 0):g} GPU" for r in nodes) or "none"
+            raise LineageError(
+                f"compute asks {c.cpus_per_task:g} CPU and {c.gpus_per_task:g} GPU per unit, but no node has that "
+                f"(nodes: {have}); lower compute.cpus_per_task, or use compute=local where there is no GPU"
+            )
+        if not told:
+            say(f"waiting up to {SCHEDULE_WAIT_S}s for a node with {c.cpus_per_task:g} CPU and {c.gpus_per_task:g} GPU")
+            told = True
+        time.sleep(2)
 
 
 def execute(plan: AuditPlan, s: Settings) -> list[dict]:
@@ -105,13 +180,37 @@ def execute(plan: AuditPlan, s: Settings) -> list[dict]:
     return verdicts
 
 
-def run(s: Settings) -> list[dict]:
-    s.output_dir.mkdir(parents=True, exist_ok=True)
+def run(s: Settings, record: dict[str, str] | None = None) -> list[dict]:
+    """The audit of `s`, holding `s.output_dir`'s lock throughout; `record`: files
+    (name -> text) written into output_dir once it is checked (the run's config)."""
+    out = prepare(s.output_dir)
+    with lock(out, wait=s.wait_for_lock, say=say), audit_log(out):
+        for name, text in (record or {}).items():
+            atomic_write_bytes(out / name, text.encode())
+        return _run(s)
+
+
+@contextmanager
+def audit_log(out: Path):
+    """The driver's log lines (what `say` prints, warnings, errors) appended to OUTPUT_DIR/audit.log."""
+    h = logging.FileHandler(out / "audit.log", encoding="utf-8")
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(h)
+        h.close()
+
+
+def _run(s: Settings) -> list[dict]:
     say(
         f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}"
     )
     plan = plan_audit(s.model_set, s.unit_bytes, 1, s.max_item_bytes)  # headers only: bad input fails before Ray starts
-    if plan.resume_from(s.output_dir, sample_fraction=s.sample_fraction):
+    if plan.resume_from(s.output_dir, sample_fraction=s.sample_fraction, say=say):
         say(f"resuming: {len(plan.done)} of {len(plan.groups)} tensors already written in {s.output_dir}")
     for m in plan.suspects + plan.candidates:
         for w in m.warnings:
@@ -119,7 +218,9 @@ def run(s: Settings) -> list[dict]:
     for name, err in plan.failed.items():
         say(f"error: suspect {name} cannot be audited: {err}")
     started = connect(s)
+    trap_signals()  # ray.init installs its own SIGTERM handler (sys.exit): ours again
     try:
+        check_resources(s, embedded=started and not (s.compute.address or os.environ.get("RAY_ADDRESS")))
         plan.pack(s.unit_bytes, 2 * max(1, int(ray.cluster_resources().get("CPU", 1))), s.max_item_bytes)
         say(
             f"plan: {len(plan.groups)} suspect tensors, {len(plan.units)} units, {plan.nbytes / 1e9:.2f} GB to read, "
@@ -134,16 +235,55 @@ def run(s: Settings) -> list[dict]:
     return verdicts
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+def trap_signals() -> None:
+    """SIGINT and SIGTERM raise Stopped in the main thread: `finally` blocks stop the
+    workers and Ray, buffered rows are flushed, and main prints one line."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _stop)
+
+
+def error(msg: object) -> None:
+    print(f"lineage: error: {printable(msg)}", file=sys.stderr, flush=True)
+    log.error(printable(msg))
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    """Validate the config, run, and map every ending to one line and an exit code."""
+    trap_signals()
+    out = cfg.get("output_dir")
     try:
-        verdicts = run(Settings.from_cfg(cfg))
+        s = Settings.from_cfg(cfg)
+        record = {".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=False)}
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            record[".hydra/overrides.yaml"] = OmegaConf.to_yaml(HydraConfig.get().overrides.task)
+        except ValueError:  # not under Hydra's main (tests compose configs)
+            pass
+        verdicts = run(s, record)
     except LineageError as e:
-        print(f"lineage: error: {e}", file=sys.stderr, flush=True)
+        error(e)
         sys.exit(LineageError.exit_code)
+    except (Stopped, KeyboardInterrupt) as e:
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(
+            f"lineage: stopped by {signal.Signals(signum).name}; rows already written in {out} are kept, "
+            "and rerunning the same command resumes from them",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(128 + signum)
     failed = [v for v in verdicts if v.get("error")]
     for v in failed:
-        print(f"lineage: error: {v['error']}", file=sys.stderr, flush=True)
+        error(v["error"])
     if failed:
         sys.exit(EXIT_SOME_FAILED)
 

@@ -14,6 +14,13 @@ from lineage.modelset import ModelSet
 MB = 1 << 20
 
 
+def prepare_path(value: object) -> Path:
+    """output_dir as an absolute path; refused when empty (it would mean the current folder)."""
+    if value is None or not str(value).strip():
+        raise LineageError("output_dir is empty; name a folder for the results (output_dir=DIR)")
+    return Path(str(value)).expanduser().absolute()
+
+
 @dataclass(frozen=True)
 class Compute:
     address: str | None  # None: attach if RAY_ADDRESS says so, else start an embedded Ray
@@ -32,6 +39,7 @@ class Settings:
     unit_bytes: int
     max_item_bytes: int
     flush_rows: int
+    wait_for_lock: bool
     compute: Compute
 
     @classmethod
@@ -52,12 +60,13 @@ class Settings:
             raise LineageError(f"config: fit.sample_fraction must be in (0, 1], got {fit['sample_fraction']!r}")
         return cls(
             model_set=ms,
-            output_dir=Path(d["output_dir"]).expanduser().absolute(),
+            output_dir=prepare_path(d.get("output_dir")),
             chunk_bytes=int(fit["chunk_mb"] * MB),
             sample_fraction=float(fit["sample_fraction"]),
             unit_bytes=int(plan["unit_mb"] * MB),
             max_item_bytes=int(plan["max_item_mb"] * MB),
             flush_rows=int(write["flush_rows"]),
+            wait_for_lock=bool(write.get("wait_for_lock", False)),
             compute=Compute(
                 address=comp.get("address"),
                 num_cpus=comp.get("num_cpus"),

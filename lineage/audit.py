@@ -27,9 +27,10 @@ from pathlib import Path
 from lineage import __version__
 from lineage.align import Group, align
 from lineage.errors import LineageError
+from lineage.files import MAX_CONFIG_BYTES, read_small
 from lineage.layermap import map_layers
 from lineage.modelset import ModelSet
-from lineage.output import TensorWriter, atomic_write_bytes, read_rows, write_verdicts
+from lineage.output import TensorWriter, atomic_write_bytes, check_parts, read_rows, write_verdicts
 from lineage.plan import Unit, plan_units
 from lineage.rows import ROWS_VERSION, tensor_row
 from lineage.source import Model, resolve
@@ -76,21 +77,25 @@ class AuditPlan:
             h.update(m.name.encode())
             for name in sorted(m.tensors):
                 t = m.tensors[name]
-                h.update(f"{name}|{Path(t.path).name}|{t.dtype}|{t.shape}|{t.start}|{t.end}".encode())
+                stamp = (t.stamp.size, t.stamp.mtime_ns) if t.stamp else None
+                h.update(f"{name}|{Path(t.path).name}|{t.dtype}|{t.shape}|{t.start}|{t.end}|{stamp}".encode())
         return h.hexdigest()
 
-    def resume_from(self, out_dir: Path, sample_fraction: float = 1.0) -> int:
+    def resume_from(self, out_dir: Path, sample_fraction: float = 1.0, say=None) -> int:
         """Mark the tensors already written under `out_dir` as done; return how many.
 
         Writes the manifest on a fresh directory; refuses one that holds
-        another audit.
+        another audit. Part files that cannot be read back are moved to
+        `quarantine/` (output.check_parts) and their tensors planned again.
         """
         path = Path(out_dir) / MANIFEST
         fp = self.fingerprint(sample_fraction)
         if path.exists():
             try:
-                prev = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as e:
+                prev = json.loads(read_small(path, MAX_CONFIG_BYTES, MANIFEST))
+                if not isinstance(prev, dict):
+                    raise ValueError("not a JSON object")
+            except (LineageError, ValueError, RecursionError) as e:
                 raise LineageError(f"{path}: unreadable ({e}); move it away to start over") from None
             if prev.get("fingerprint") != fp:
                 raise LineageError(
@@ -105,8 +110,8 @@ class AuditPlan:
             atomic_write_bytes(path, json.dumps(doc, indent=2).encode())
         index = {(g.suspect, g.tensor): gid for gid, g in enumerate(self.groups)}
         for s in self.suspects:
-            for r in read_rows(Path(out_dir), s.name, columns=["tensor"]):
-                gid = index.get((s.name, r["tensor"]))
+            for tensor in check_parts(Path(out_dir), s.name, say):
+                gid = index.get((s.name, tensor))
                 if gid is not None:
                     self.done.add(gid)
         return len(self.done)
@@ -260,8 +265,11 @@ def undo_permutations(verdict: dict, rows: list[dict], suspect: Model, candidate
     from lineage import permute  # reads whole matrices with torch: only imported when needed
 
     parent = next(c for c in candidates if c.name == name)
+    warns: list[str] = []
     with Reader() as reader:
-        found = permute.find(suspect, parent, unmatched, reader)
+        found = permute.find(suspect, parent, unmatched, reader, warns)
+    if warns:
+        verdict.setdefault("warnings", []).extend(warns)
     if found:
         verdict["permutation"] = [
             {

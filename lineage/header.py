@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lineage.dtypes import DTYPES
 from lineage.errors import LineageError
+from lineage.files import Stamp, open_regular
 
 #: Headers larger than this are refused (safetensors itself caps at 100 MB;
 #: the largest real header, Kimi K2's biggest shard, is a few MB).
@@ -36,6 +37,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     start: int
     end: int
+    stamp: Stamp | None = None  # the file as planned; None for manifests (nothing to read)
 
     @property
     def numel(self) -> int:
@@ -55,27 +57,39 @@ class Header:
     metadata: dict[str, str]
 
 
+def header_length(head: bytes, path: str, file_size: int, max_header_bytes: int = MAX_HEADER_BYTES) -> int:
+    """The header length N from a file's first 8 bytes, checked against the cap and the
+    file size before a single header byte is read (or fetched, for a remote file)."""
+    if len(head) < 8:
+        raise LineageError(f"{path}: truncated file ({file_size} bytes), no safetensors header")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > max_header_bytes:
+        raise LineageError(f"{path}: header length {n} exceeds the cap of {max_header_bytes} bytes")
+    if 8 + n > file_size:
+        raise LineageError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes); truncated?")
+    return n
+
+
 def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
-    """Read and validate the header of one safetensors file."""
+    """Read and validate the header of one safetensors file (a regular file: see files.py)."""
     p = str(path)
+    fd, st = open_regular(p, "safetensors file")
     try:
-        with open(p, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            if len(head) < 8:
-                raise LineageError(f"{p}: truncated file ({size} bytes), no safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > max_header_bytes:
-                raise LineageError(f"{p}: header length {n} exceeds the cap of {max_header_bytes} bytes")
-            if 8 + n > size:
-                raise LineageError(f"{p}: header length {n} runs past the end of the file ({size} bytes); truncated?")
-            raw = f.read(n)
+        n = header_length(os.pread(fd, 8, 0), p, st.st_size, max_header_bytes)
+        raw = b""
+        while len(raw) < n:
+            b = os.pread(fd, n - len(raw), 8 + len(raw))
+            if not b:
+                raise LineageError(f"{p}: file ends inside its header; truncated?")
+            raw += b
     except OSError as e:
         raise LineageError(f"{p}: cannot read: {e.strerror or e}") from None
-    return parse_header_bytes(raw, p, size)
+    finally:
+        os.close(fd)
+    return parse_header_bytes(raw, p, st.st_size, Stamp(st.st_size, st.st_mtime_ns))
 
 
-def parse_header_bytes(raw: bytes, path: str, file_size: int) -> Header:
+def parse_header_bytes(raw: bytes, path: str, file_size: int, stamp: Stamp | None = None) -> Header:
     """Validate header JSON `raw` of a file of `file_size` bytes at `path`."""
     data_start = 8 + len(raw)
     try:
@@ -100,7 +114,7 @@ def parse_header_bytes(raw: bytes, path: str, file_size: int) -> Header:
             if isinstance(spec, dict):
                 metadata = {str(k): str(v) for k, v in spec.items()}
             continue
-        tensors[name] = _entry(path, name, spec, data_start, data_size)
+        tensors[name] = _entry(path, name, spec, data_start, data_size, stamp)
     _check_overlaps(path, tensors)
     return Header(path, file_size, data_start, tensors, metadata)
 
@@ -120,7 +134,7 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _entry(path: str, name: str, spec: object, data_start: int, data_size: int) -> TensorEntry:
+def _entry(path: str, name: str, spec: object, data_start: int, data_size: int, stamp: Stamp | None) -> TensorEntry:
     def bad(problem: str) -> LineageError:
         return LineageError(f"{path} [{name}]: {problem}")
 
@@ -141,7 +155,7 @@ def _entry(path: str, name: str, spec: object, data_start: int, data_size: int) 
     expected = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != expected:
         raise bad(f"data_offsets span {end - begin} bytes but {dtype} x {shape} needs {expected}")
-    return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+    return TensorEntry(name, path, dtype, tuple(shape), data_start + begin, data_start + end, stamp)
 
 
 def _check_overlaps(path: str, tensors: dict[str, TensorEntry]) -> None:

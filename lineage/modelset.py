@@ -1,4 +1,12 @@
-"""A model set: suspects, candidate parents, validated before anything is read."""
+"""A model set: suspects, candidate parents, validated before anything is read.
+
+Names become file and folder names (`verdicts/NAME.json`, the Parquet
+partition `suspect=NAME`, the default `outputs/MODEL_SET`), so every name,
+the model set's own included, is checked here, in one place: letters,
+digits, '.', '_' and '-', starting with a letter or digit, at most
+MAX_NAME characters. No path separator, no `..` of its own, no control
+character, nothing a file system refuses for length.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +14,21 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from lineage.errors import LineageError
+from lineage.errors import LineageError, printable
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_NAME = 100
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(what: str, name: object) -> str:
+    """`name` if it is a safe file name (see module docstring); LineageError otherwise."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise LineageError(
+            f"{what} name {printable(repr(name))} must be letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    if len(name) > MAX_NAME:
+        raise LineageError(f"{what} name {name[:20]}... is {len(name)} characters long; the limit is {MAX_NAME}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -35,10 +55,21 @@ class ModelSet:
             raise LineageError(
                 f"model set {d.get('name')}: unknown keys {sorted(unknown)} (known: name, suspects, candidates, description)"
             )
-        name = str(d.get("name") or "")
-        sus = tuple(_member(name, "suspects", m) for m in (d.get("suspects") or []))
-        cand = tuple(_member(name, "candidates", m) for m in (d.get("candidates") or []))
-        ms = cls(name, sus, cand, str(d.get("description") or ""))
+        name = check_name("model set", d.get("name"))
+        members = {}
+        for role in ("suspects", "candidates"):
+            ms_ = d.get(role)
+            if ms_ is None:
+                ms_ = []
+            if not isinstance(ms_, (list, tuple)):
+                raise LineageError(
+                    f"model set {name}: {role} must be a list of {{name, source}} entries, got {type(ms_).__name__}"
+                )
+            members[role] = tuple(_member(name, role, m) for m in ms_)
+        desc = d.get("description")
+        if desc is not None and not isinstance(desc, str):
+            raise LineageError(f"model set {name}: description must be text, got {type(desc).__name__}")
+        ms = cls(name, members["suspects"], members["candidates"], desc or "")
         ms.validate()
         return ms
 
@@ -77,11 +108,14 @@ def _member(set_name: str, role: str, m: object) -> Member:
             f"model set {set_name}: {role} entry {m.get('name')!r} has unknown keys {sorted(unknown)} (known: name, source, base)"
         )
     name, source = m.get("name"), m.get("source")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise LineageError(f"model set {set_name}: {role} name {name!r} must be letters, digits, '.', '_' or '-'")
+    check_name(f"model set {set_name}: {role[:-1]}", name)
     if not isinstance(source, str) or not source:
         raise LineageError(f"model set {set_name}: {role} {name} has no source")
+    if not source.isprintable():
+        raise LineageError(f"model set {set_name}: {role} {name} has a source with control characters: {printable(source)}")
     base = m.get("base", False)
+    if not isinstance(base, bool):
+        raise LineageError(f"model set {set_name}: {role} {name}: base must be true or false, got {base!r}")
     if role == "suspects" and base:
         raise LineageError(f"model set {set_name}: suspect {name} cannot be marked base")
     return Member(name, source, bool(base))

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections import defaultdict
+from functools import cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,11 +22,33 @@ import pyarrow.parquet as pq
 
 from lineage.rows import PARTITION, SCHEMA
 
+QUARANTINE = "quarantine"
+PART_RE = re.compile(r"part-(\d+)\.parquet")
+
+
+@cache
+def file_mode() -> int:
+    """0666 less the process umask: what `open()` would give a new file.
+
+    mkstemp creates files 0600, which hides results from the rest of a team
+    on shared storage; atomic writes set this mode before the rename."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)  # elsewhere: read it by setting it (briefly) and back
+    os.umask(old)
+    return 0o666 & ~old
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -39,6 +63,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_table(path: Path, table: pa.Table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, file_mode())
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd")
@@ -77,8 +102,8 @@ class TensorWriter:
                 continue
             folder = partition_dir(self.out_dir, s)
             seq = self._seq.get(s)
-            if seq is None:
-                seq = len(list(folder.glob("part-*.parquet"))) if folder.exists() else 0
+            if seq is None:  # after the highest part on disk: parts moved to quarantine leave gaps
+                seq = max((i + 1 for i, _ in parts(folder)), default=0)
             atomic_write_table(folder / f"part-{seq:06d}.parquet", pa.Table.from_pylist(rows, schema=SCHEMA))
             self._seq[s] = seq + 1
             self.rows_written += len(rows)
@@ -87,13 +112,62 @@ class TensorWriter:
         self.flush()
 
 
+def parts(folder: Path) -> list[tuple[int, Path]]:
+    """(sequence number, path) of the part files in a partition folder, in order."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := PART_RE.fullmatch(p.name))]
+    return sorted(found)
+
+
 def read_rows(out_dir: Path, suspect: str, columns: list[str] | None = None) -> list[dict]:
     """All rows of one suspect, read back from its partition."""
-    folder = partition_dir(out_dir, suspect)
-    parts = sorted(folder.glob("part-*.parquet"))
-    if not parts:
+    files = [p for _, p in parts(partition_dir(out_dir, suspect))]
+    if not files:
         return []
-    return pa.concat_tables([pq.read_table(p, schema=SCHEMA, columns=columns) for p in parts]).to_pylist()
+    return pa.concat_tables([pq.read_table(p, schema=SCHEMA, columns=columns) for p in files]).to_pylist()
+
+
+def check_parts(out_dir: Path, suspect: str, say=None) -> list[str]:
+    """Validate an earlier run's part files of one suspect before resuming from them.
+
+    A part that cannot be read back whole with the dataset's schema
+    (truncated, emptied, overwritten, from another version) is moved into
+    `OUTPUT_DIR/quarantine/` and named in a message, so its tensors are
+    planned again; leftover temporary files of a killed write are removed.
+    Returns the tensors the remaining parts hold (each once: a tensor found
+    in two parts keeps the first, and the later part is quarantined, since
+    nothing may be counted twice)."""
+    folder = partition_dir(out_dir, suspect)
+    if not folder.is_dir():
+        return []
+    for p in folder.iterdir():
+        if p.name.startswith(".part-") and p.is_file():
+            p.unlink()
+    seen: set[str] = set()
+    tensors: list[str] = []
+    for _, p in parts(folder):
+        try:
+            if not p.is_file() or p.is_symlink():
+                raise ValueError("not a regular file")
+            t = pq.read_table(p, schema=SCHEMA, columns=["tensor"]).column("tensor").to_pylist()
+            pq.read_table(p, schema=SCHEMA)  # every column decodes, not just the names
+            if seen.intersection(t):
+                raise ValueError("holds tensors already in an earlier part")
+        except (OSError, ValueError, pa.ArrowException) as e:
+            dest = Path(out_dir) / QUARANTINE / f"{PARTITION}={suspect}"
+            dest.mkdir(parents=True, exist_ok=True)
+            target = dest / p.name
+            k = 1
+            while target.exists():
+                target, k = dest / f"{p.name}.{k}", k + 1
+            os.replace(p, target)
+            if say is not None:
+                say(f"warning: {p} is unreadable ({str(e).splitlines()[0][:200]}); moved to {target}, its tensors are recomputed")
+            continue
+        seen.update(t)
+        tensors.extend(t)
+    return tensors
 
 
 VERDICT_SCHEMA = pa.schema(

@@ -16,15 +16,14 @@ the output projection's columns, key and value rows by key/value head.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from lineage.align import Index
 from lineage.layout import canonical, layer_prefix
+from lineage.modelconfig import head_dim
 from lineage.source import Model
 from lineage.views import Reader, View
 
@@ -65,16 +64,6 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
 
 
-def head_dim(model: Model) -> int | None:
-    """hidden_size / num_attention_heads from the model's config.json, when it has one."""
-    cfg = Path(model.root) / "config.json"
-    try:
-        doc = json.loads(cfg.read_text())
-        return int(doc["hidden_size"]) // int(doc["num_attention_heads"])
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
-        return None
-
-
 def _classify(name: str) -> tuple[str, str, str] | None:
     """(layer prefix, permutation group, 'rows'|'cols') of a matrix whose units can be permuted."""
     c = canonical(name)
@@ -99,15 +88,26 @@ def _blocks(x: torch.Tensor, unit: int) -> torch.Tensor:
     return x.reshape(x.shape[0] // unit, unit * x.shape[1])
 
 
-def find(suspect: Model, parent: Model, unmatched: list[str], reader: Reader) -> list[Permutation]:
-    """Permutations of MLP units and attention heads that explain the `unmatched` suspect matrices."""
+def find(
+    suspect: Model, parent: Model, unmatched: list[str], reader: Reader, warnings: list[str] | None = None
+) -> list[Permutation]:
+    """Permutations of MLP units and attention heads that explain the `unmatched` suspect matrices.
+
+    Attention heads need the head size from a config.json; when neither
+    model's config gives a usable one, heads are not searched and the reason
+    is appended to `warnings`."""
     s_ix, p_ix = Index.build(suspect), Index.build(parent)
     groups: dict[tuple[str, str], dict[str, str]] = {}
     for name in unmatched:
         k = _classify(name)
         if k is not None:
             groups.setdefault((k[0], k[1]), {})[name] = k[2]
-    hd = head_dim(suspect) or head_dim(parent)
+    hd, why = head_dim(suspect.root)
+    if hd is None:
+        hd, why2 = head_dim(parent.root)
+        why = why or why2
+    if hd is None and why and warnings is not None and any(w != "mlp units" for _, w in groups):
+        warnings.append(f"attention heads not searched for permutations: {why}")
     out = []
     for (_, what), tensors in sorted(groups.items()):
         mats = {}

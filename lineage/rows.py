@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 
 from lineage.align import Group
@@ -125,7 +126,13 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
     sides = {s.candidate: s for s in group.sides}
     singles = {}
     if row["status"] == "ok" and stats is not None:
-        singles = {c: single(stats, c) for c in stats.order}
+        try:
+            singles = {c: single(stats, c) for c in stats.order}
+            b = blend(stats, base=base)
+        except (ArithmeticError, ValueError, np.linalg.LinAlgError) as e:  # extreme values; never a lost audit
+            row["status"], row["reason"] = "error", f"{group.tensor}: fit failed ({type(e).__name__}: {e})"
+            singles, stats = {}, None
+    if row["status"] == "ok" and stats is not None:
         row.update(
             elements=stats.n,
             bytes_read=stats.bytes_read,
@@ -139,7 +146,6 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
             stats_rowgram=stats.rowgram.flatten().tolist(),
             stats_colgram=stats.colgram.flatten().tolist(),
         )
-        b = blend(stats, base=base)
         if b is not None:
             row.update(
                 base=b.base,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lineage.errors import LineageError
+from lineage.files import MAX_INDEX_BYTES, inside, kind, read_small
 from lineage.header import TensorEntry, read_header
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -62,7 +63,11 @@ def resolve(name: str, source: str) -> Model:
             _refuse_or_unknown(root, [root])
         return _model(name, source, str(root.parent), [str(root)], None)
     if not root.is_dir():
-        raise LineageError(f"{source}: no such file or folder (model {name})")
+        try:
+            what = kind(os.stat(root).st_mode)
+        except OSError:
+            raise LineageError(f"{source}: no such file or folder (model {name})") from None
+        raise LineageError(f"{source}: is {what}, not a safetensors file or a model folder (model {name})")
     return _from_folder(name, source, root, trusted)
 
 
@@ -113,6 +118,9 @@ def _from_folder(name: str, source: str, root: Path, trusted: Path | None = None
     files = sorted((p for p in root.iterdir() if p.name.endswith(".safetensors")), key=lambda p: natural_key(p.name))
     if not files:
         _refuse_or_unknown(root, list(root.iterdir()))
+    for p in files:
+        if not inside(p, trusted or root):
+            raise LineageError(f"{p}: links outside the model folder ({os.path.realpath(p)}); copy the file in instead")
     return _model(name, source, str(root), [str(p) for p in files], None)
 
 
@@ -146,10 +154,13 @@ def read_index(index_path: Path, root: Path, warnings: list[str] | None = None, 
             out[k] = v
         return out
 
+    raw = read_small(index_path, MAX_INDEX_BYTES, "index")
     try:
-        doc = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=pairs)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LineageError(f"{index_path}: unreadable index ({e})") from None
+    except RecursionError:
+        raise LineageError(f"{index_path}: unreadable index (JSON nested too deeply)") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise LineageError(f"{index_path}: no 'weight_map' object")
@@ -157,17 +168,20 @@ def read_index(index_path: Path, root: Path, warnings: list[str] | None = None, 
     allowed = os.path.realpath(trusted) if trusted is not None else real_root
     checked: dict[str, str] = {}
     for key, shard in weight_map.items():
-        if shard in checked:
-            continue
         if not isinstance(shard, str) or not shard:
             raise LineageError(f"{index_path} [{key}]: shard {shard!r} is not a file name")
+        if shard in checked:
+            continue
         if os.path.isabs(shard) or ".." in Path(shard).parts:
             raise LineageError(f"{index_path} [{key}]: shard path {shard!r} leaves the model folder")
         real = os.path.realpath(os.path.join(real_root, shard))
         if os.path.commonpath([real, allowed]) != allowed:
             raise LineageError(f"{index_path} [{key}]: shard {shard!r} links outside the model folder")
         if not os.path.isfile(real):
-            raise LineageError(f"{index_path} [{key}]: shard {shard!r} is missing")
+            what = kind(os.stat(real).st_mode) if os.path.exists(real) else "missing"
+            raise LineageError(
+                f"{index_path} [{key}]: shard {shard!r} is {what}" + ("" if what == "missing" else ", not a regular file")
+            )
         checked[shard] = real
     return {k: str(v) for k, v in weight_map.items()}
 

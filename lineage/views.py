@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from lineage.dtypes import DTYPES, FP8
 from lineage.errors import LineageError
+from lineage.files import Stamp, open_fd
 from lineage.header import TensorEntry
 from lineage.layout import FP8_BLOCK
 
@@ -56,6 +57,7 @@ class Scale:
     start: int
     rows: int  # rows of the scale seen as a matrix
     cols: int
+    stamp: Stamp | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Segment:
     row1: int
     inner_rows: int  # rows of one 2-D slice (shape[-2]); FP8 blocks restart per slice
     scale: Scale | None = None
+    stamp: Stamp | None = None  # the file as planned: a worker refuses it if it changed
 
     @property
     def rows(self) -> int:
@@ -119,9 +122,9 @@ def segment(entry: TensorEntry, scale: TensorEntry | None = None, rows: tuple[in
     sc = None
     if scale is not None:
         sr, scc = matrix_shape(scale.shape)
-        sc = Scale(scale.path, scale.name, scale.dtype, scale.start, sr, scc)
+        sc = Scale(scale.path, scale.name, scale.dtype, scale.start, sr, scc, scale.stamp)
     r0, r1 = rows if rows is not None else (0, r)
-    return Segment(entry.path, entry.name, entry.dtype, entry.start, c, r0, r1, inner, sc)
+    return Segment(entry.path, entry.name, entry.dtype, entry.start, c, r0, r1, inner, sc, entry.stamp)
 
 
 def check_scale(entry: TensorEntry, scale: TensorEntry) -> None:
@@ -183,25 +186,35 @@ class Reader:
             os.close(fd)
         self._fds.clear()
 
-    def _fd(self, path: str) -> int:
+    def _fd(self, path: str, name: str, stamp: Stamp | None) -> int:
+        """The open descriptor of `path`, opened (without blocking, regular files
+        only) on first use and compared with the file as planned: a file
+        replaced or rewritten since would put other bytes at the planned
+        offsets, so it is refused rather than read."""
         with self._lock:  # the fit's threads share the open files
             fd = self._fds.get(path)
             if fd is None:
                 if len(self._fds) >= self._max_open:
                     self._close_files()
-                fd = os.open(path, os.O_RDONLY)
+                fd, st = open_fd(path, "safetensors file")
+                if stamp is not None and (st.st_size, st.st_mtime_ns) != (stamp.size, stamp.mtime_ns):
+                    os.close(fd)
+                    change = f"size {stamp.size} -> {st.st_size}" if st.st_size != stamp.size else "rewritten"
+                    raise LineageError(
+                        f"{path} [{name}]: file changed since the audit was planned ({change}); rerun to plan it again"
+                    )
                 self._fds[path] = fd
             return fd
 
-    def pread(self, path: str, name: str, offset: int, nbytes: int) -> bytearray:
+    def pread(self, path: str, name: str, offset: int, nbytes: int, stamp: Stamp | None = None) -> bytearray:
         buf = bytearray(nbytes)
-        self.pread_into(path, name, offset, memoryview(buf))
+        self.pread_into(path, name, offset, memoryview(buf), stamp)
         return buf
 
-    def pread_into(self, path: str, name: str, offset: int, view: memoryview) -> None:
+    def pread_into(self, path: str, name: str, offset: int, view: memoryview, stamp: Stamp | None = None) -> None:
         for attempt in range(self.retries + 1):
             try:
-                return self._pread(path, name, offset, view)
+                return self._pread(path, name, offset, view, stamp)
             except OSError as e:
                 fd = self._fds.pop(path, None)
                 if fd is not None:
@@ -212,9 +225,9 @@ class Reader:
                 time.sleep(self.backoff_s * 4**attempt)
         raise AssertionError("unreachable")
 
-    def _pread(self, path: str, name: str, offset: int, view: memoryview) -> None:
+    def _pread(self, path: str, name: str, offset: int, view: memoryview, stamp: Stamp | None) -> None:
         nbytes = len(view)
-        fd = self._fd(path)
+        fd = self._fd(path, name, stamp)
         got = 0
         while got < nbytes:
             n = os.preadv(fd, [view[got:]], offset + got)
@@ -244,7 +257,7 @@ class Reader:
         if loc is None:
             return None
         seg, off, n = loc
-        mm = self._map(seg.path, seg.name, off + n)
+        mm = self._map(seg, off + n)
         with self._lock:
             self.bytes_read += n
         return memoryview(mm)[off : off + n]
@@ -282,13 +295,13 @@ class Reader:
                 break
         return None
 
-    def _map(self, path: str, name: str, end: int) -> mmap.mmap:
+    def _map(self, seg: Segment, end: int) -> mmap.mmap:
         with self._lock:
-            mm = self._maps.get(path)
+            mm = self._maps.get(seg.path)
             if mm is None:  # the whole file, as long as it is now
-                mm = self._maps[path] = mmap.mmap(self._fd(path), 0, access=mmap.ACCESS_READ)
+                mm = self._maps[seg.path] = mmap.mmap(self._fd(seg.path, seg.name, seg.stamp), 0, access=mmap.ACCESS_READ)
             if len(mm) < end:
-                raise LineageError(f"{path} [{name}]: file ends before byte {end}; truncated?")
+                raise LineageError(f"{seg.path} [{seg.name}]: file ends before byte {end}; truncated?")
             return mm
 
     def scratch(self, slot: int, nbytes: int) -> memoryview:
@@ -318,7 +331,7 @@ class Reader:
             if lo < hi:
                 n = (hi - lo) * row_bytes
                 self.pread_into(
-                    seg.path, seg.name, seg.start + (seg.row0 + lo - base) * row_bytes, memoryview(out)[pos : pos + n]
+                    seg.path, seg.name, seg.start + (seg.row0 + lo - base) * row_bytes, memoryview(out)[pos : pos + n], seg.stamp
                 )
                 pos += n
             base += seg.rows
@@ -349,7 +362,7 @@ class Reader:
         if dt.torch_dtype is None or not dt.is_float:
             raise LineageError(f"{seg.path} [{seg.name}]: {seg.dtype} is not a float dtype")
         row_bytes = seg.cols * dt.itemsize
-        raw = self.pread(seg.path, seg.name, seg.start + r0 * row_bytes, (r1 - r0) * row_bytes)
+        raw = self.pread(seg.path, seg.name, seg.start + r0 * row_bytes, (r1 - r0) * row_bytes, seg.stamp)
         x = torch.frombuffer(raw, dtype=dt.torch_dtype).reshape(r1 - r0, seg.cols)
         x = x.to(torch.float64 if seg.dtype == "F64" else torch.float32)
         if seg.dtype in FP8 and seg.scale is not None:
@@ -367,7 +380,7 @@ class Reader:
         block_row = (rows // seg.inner_rows) * blocks_per_slice + (rows % seg.inner_rows) // FP8_BLOCK
         b0, b1 = int(block_row[0]), int(block_row[-1]) + 1
         sdt = DTYPES[sc.dtype]
-        raw = self.pread(sc.path, sc.name, sc.start + b0 * sc.cols * sdt.itemsize, (b1 - b0) * sc.cols * sdt.itemsize)
+        raw = self.pread(sc.path, sc.name, sc.start + b0 * sc.cols * sdt.itemsize, (b1 - b0) * sc.cols * sdt.itemsize, sc.stamp)
         s = torch.frombuffer(raw, dtype=sdt.torch_dtype).reshape(b1 - b0, sc.cols).to(torch.float32)
         s = s[block_row - b0]  # one scale row per data row
         return s.repeat_interleave(FP8_BLOCK, dim=1)[:, : seg.cols]

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from lineage.errors import LineageError
 from lineage.plan import Item, Unit
 from lineage.stats import accumulate
 from lineage.views import Reader
+
+#: Largest magnitude a statistic may reach. Sums of squares of real weights
+#: are below 1e20; values near 1e300 (finite in float64) would overflow when
+#: the fits square them again, so such a tensor becomes an error row naming
+#: the problem rather than an overflow in the reducer.
+MAX_STAT = 1e200
 
 
 @dataclass
@@ -60,6 +68,16 @@ def run_item(
             sample_fraction=sample_fraction,
             threads=threads,
         )
+        if not st.nonfinite and not all(
+            np.isfinite(a).all() and (a.size == 0 or np.abs(a).max() <= MAX_STAT) for a in (st.gram, st.sums, st.rowgram)
+        ):
+            return ItemResult(
+                it.gid,
+                it.part,
+                it.parts,
+                None,
+                f"{it.group.tensor}: values too large for float64 statistics (sums of squares above {MAX_STAT:.0e})",
+            )
         if it.parts == 1:
             st.fold()
         return ItemResult(it.gid, it.part, it.parts, st.to_dict(), None)

@@ -33,21 +33,23 @@ def test_duplicate_names_and_bad_members():
 def test_unreadable_file(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "model.safetensors").mkdir()  # not a readable file, even for root
-    with pytest.raises(LineageError, match="model.safetensors: cannot read: Is a directory"):
+    with pytest.raises(LineageError, match="model.safetensors: safetensors file is a directory, not a regular file"):
         resolve("m", str(tmp_path / "m"))
 
 
 def test_file_truncated_after_planning_becomes_error_rows(tmp_path):
-    """A shard that loses its tail mid-audit: its tensors become `error` rows
-    naming file and tensor; every other tensor is still written."""
+    """A shard that loses its tail mid-audit: every tensor of that shard becomes an
+    `error` row naming file and tensor (its planned offsets no longer describe it);
+    every other tensor is still written."""
     g = torch.Generator().manual_seed(0)
     cand = {f"w{i}": torch.randn(64, 64, generator=g) for i in range(6)}
     sus = {k: v + 0.01 * torch.randn(64, 64, generator=g) for k, v in cand.items()}
     write_model(tmp_path / "c", cand)
-    write_model(tmp_path / "s", sus)
+    write_model(tmp_path / "s", sus, shards=2)  # w0, w2, w4 in the first shard
     ms = ModelSet.from_dict(modelset({"s": tmp_path / "s"}, {"c": tmp_path / "c"}))
     plan = plan_audit(ms, unit_bytes=1 << 30, min_units=3)
-    f = tmp_path / "s" / "model.safetensors"
+    f = tmp_path / "s" / "model-00002-of-00002.safetensors"
+    size = f.stat().st_size
     f.write_bytes(f.read_bytes()[: -64 * 64 * 4 - 100])  # the last tensor, and a bit more, gone
     red = Reducer(plan, tmp_path / "out")
     for u in plan.units:
@@ -55,10 +57,14 @@ def test_file_truncated_after_planning_becomes_error_rows(tmp_path):
     (v,) = red.finish()
     rows = {r["tensor"]: r for r in read_rows(tmp_path / "out", "s")}
     errors = {k: r["reason"] for k, r in rows.items() if r["status"] == "error"}
-    assert set(errors) == {"w4", "w5"}
-    assert all(str(f) in msg and "file ends before byte" in msg for msg in errors.values())
-    assert sum(r["status"] == "ok" for r in rows.values()) == 4
-    assert v["verdict"] == "derived" and v["coverage"]["skipped"] == {"error: file ends before byte N; truncated?": 2}
+    assert set(errors) == {"w1", "w3", "w5"}
+    assert all(
+        msg == f"{f} [{k}]: file changed since the audit was planned (size {size} -> {f.stat().st_size}); rerun to plan it again"
+        for k, msg in errors.items()
+    )
+    assert sum(r["status"] == "ok" for r in rows.values()) == 3
+    assert v["verdict"] == "derived"
+    assert v["coverage"]["skipped"] == {"error: file changed since the audit was planned (size N -> N); rerun to plan it again": 3}
 
 
 def test_transient_read_error_is_retried(tmp_path):
