@@ -104,7 +104,7 @@ def connect(s: Settings) -> bool:
     paths = [str(REPO), *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     # address="local": a new Ray of our own, never one whose address file another job left on the host
-    ray.init(address="local", num_cpus=s.compute.num_cpus, include_dashboard=False)
+    ray.init(address="local", num_cpus=s.compute.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return True
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from lineage.align import Group
 from lineage.dtypes import rounding_tolerance
+from lineage.errors import where
 from lineage.fit import blend, single
 from lineage.stats import Stats
 
@@ -130,7 +131,8 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
             singles = {c: single(stats, c) for c in stats.order}
             b = blend(stats, base=base)
         except (ArithmeticError, ValueError, np.linalg.LinAlgError) as e:  # extreme values; never a lost audit
-            row["status"], row["reason"] = "error", f"{group.tensor}: fit failed ({type(e).__name__}: {e})"
+            path = group.view.segments[0].path if group.view is not None else "?"
+            row["status"], row["reason"] = "error", f"{where(path, group.tensor)}: fit failed ({type(e).__name__}: {e})"
             singles, stats = {}, None
     if row["status"] == "ok" and stats is not None:
         row.update(

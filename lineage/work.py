@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lineage.errors import LineageError
+from lineage.errors import LineageError, where
 from lineage.plan import Item, Unit
 from lineage.stats import accumulate
 from lineage.views import Reader
@@ -76,7 +76,7 @@ def run_item(
                 it.part,
                 it.parts,
                 None,
-                f"{it.group.tensor}: values too large for float64 statistics (sums of squares above {MAX_STAT:.0e})",
+                f"{_where(it)}: values too large for float64 statistics (sums of squares above {MAX_STAT:.0e})",
             )
         if it.parts == 1:
             st.fold()
@@ -84,4 +84,10 @@ def run_item(
     except LineageError as e:
         return ItemResult(it.gid, it.part, it.parts, None, str(e))
     except (ValueError, RuntimeError, OSError) as e:  # decode trouble from torch; keep the audit going
-        return ItemResult(it.gid, it.part, it.parts, None, f"{it.group.tensor}: {type(e).__name__}: {e}")
+        return ItemResult(it.gid, it.part, it.parts, None, f"{_where(it)}: {type(e).__name__}: {e}")
+
+
+def _where(it: Item) -> str:
+    """`file [tensor]` of the suspect side, the prefix of every message."""
+    v = it.group.view
+    return where(v.segments[0].path if v is not None else "?", it.group.tensor)

@@ -64,7 +64,9 @@ def test_file_truncated_after_planning_becomes_error_rows(tmp_path):
     )
     assert sum(r["status"] == "ok" for r in rows.values()) == 3
     assert v["verdict"] == "derived"
-    assert v["coverage"]["skipped"] == {"error: file changed since the audit was planned (size N -> N); rerun to plan it again": 3}
+    assert v["coverage"]["skipped"] == {
+        "error: file changed since the audit was planned (size N -> N); rerun to plan it again": 3
+    }
 
 
 def test_transient_read_error_is_retried(tmp_path):
