@@ -39,6 +39,7 @@ from lineage.audit import run_local
 from lineage.demo import fp8_quantize
 from lineage.layout import role
 from lineage.modelset import ModelSet
+from lineage.options import FitOptions
 
 CLASSES = ("identical", "derived", "blend", "unrelated", "inconclusive")
 LLAMA = {"hidden": 128, "inter": 352, "layers": 4, "heads": 4, "kv": 2, "vocab": 1000}
@@ -400,7 +401,7 @@ def main() -> None:
         got = v["verdict"]
         if a.sample:
             shutil.rmtree(out.with_name(out.name + "-sampled"), ignore_errors=True)
-            (vs,) = run_local(ms, out.with_name(out.name + "-sampled"), sample_fraction=a.sample)
+            (vs,) = run_local(ms, out.with_name(out.name + "-sampled"), FitOptions(sample_fraction=a.sample))
             full_w, samp_w = ({p["name"]: p for p in x["parents"]} for x in (v, vs))
             same = vs["verdict"] == got and set(full_w) == set(samp_w)
             dw = max((abs(full_w[n]["weight"] - samp_w[n]["weight"]) for n in full_w if n in samp_w), default=None)

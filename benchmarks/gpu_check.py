@@ -21,10 +21,11 @@ import torch
 
 from benchmarks.synth import make_trio
 from lineage.align import align
+from lineage.engines import accumulate
 from lineage.fit import blend, single
+from lineage.options import FitOptions
+from lineage.reader import Reader
 from lineage.source import resolve
-from lineage.stats import accumulate
-from lineage.views import Reader
 
 
 def numbers(st) -> dict[str, float]:
@@ -54,10 +55,10 @@ def main() -> int:
     for device in ("cpu", "cuda"):
         with Reader() as r:
             for g in groups:  # warm the page cache and CUDA once
-                accumulate(g, r, 64 << 20, device=device)
+                accumulate(g, r, FitOptions(device=device))
             torch.cuda.synchronize()
             t = time.perf_counter()
-            results[device] = [numbers(accumulate(g, r, 64 << 20, device=device)) for g in groups]
+            results[device] = [numbers(accumulate(g, r, FitOptions(device=device))) for g in groups]
             torch.cuda.synchronize()
             times[device] = time.perf_counter() - t
     nbytes = sum(g.nbytes for g in groups)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 def child(root: str, chunk_mb: float) -> None:
     from lineage.align import align
+    from lineage.engines import accumulate
+    from lineage.options import FitOptions
+    from lineage.reader import Reader
     from lineage.source import resolve
-    from lineage.stats import accumulate
-    from lineage.views import Reader
 
     r = Path(root)
     sus, cands = resolve("blend", str(r / "blend")), [resolve(n, str(r / n)) for n in ("base", "tune")]
@@ -30,7 +31,7 @@ def child(root: str, chunk_mb: float) -> None:
     base = status_kb("VmRSS")
     with Reader() as rd:
         for g in groups:
-            accumulate(g, rd, int(chunk_mb * (1 << 20)))
+            accumulate(g, rd, FitOptions(chunk_bytes=int(chunk_mb * (1 << 20))))
     peak = status_kb("VmHWM")
     print(json.dumps({"baseline_mb": base / 1024, "peak_mb": peak / 1024, "tensor_mb": groups[0].view.nbytes / 2**20}))
 

@@ -112,14 +112,15 @@ def child_read(root: Path) -> dict:
 def child_fit(root: Path, engine: str, sample: float = 1.0, threads: int = 1) -> dict:
     """(b): every tensor's statistics on one worker, as a Ray task given `threads` CPUs runs them."""
     torch.set_num_threads(threads)
-    from lineage.stats import accumulate
-    from lineage.views import Reader
+    from lineage.engines import accumulate
+    from lineage.options import FitOptions
+    from lineage.reader import Reader
 
     groups = groups_of(root)
     t = time.perf_counter()
     with Reader() as r:
         for g in groups:
-            accumulate(g, r, 64 << 20, engine=engine, sample_fraction=sample, threads=threads)
+            accumulate(g, r, FitOptions(sample_fraction=sample, threads=threads), engine=engine)
         nbytes = r.bytes_read
     return {"seconds": time.perf_counter() - t, "bytes": nbytes, "peak_mb": status_kb("VmHWM") / 1024}
 

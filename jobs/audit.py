@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs.settings import Settings
 from jobs.workers import Dispatcher
-from lineage.audit import AuditPlan, Reducer, plan_audit
+from lineage.audit import AuditPlan, Reducer, decide_all, plan_audit
 from lineage.errors import LineageError, printable
 from lineage.outdir import lock, prepare
 from lineage.output import atomic_write_bytes
-from lineage.plan import imbalance
+from lineage.plan import Unit, imbalance
 from lineage.report import table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +46,8 @@ EXIT_SOME_FAILED = 3
 #: How long an attached cluster may take to offer a node that can run a unit
 #: (an autoscaler starting one) before the audit is refused.
 SCHEDULE_WAIT_S = 600
+#: Seconds between progress lines (and between checks of the units in flight).
+PROGRESS_S = 5.0
 
 
 class Stopped(BaseException):
@@ -132,50 +135,73 @@ def check_resources(s: Settings, embedded: bool) -> None:
         time.sleep(2)
 
 
+class RayRunner:
+    """Runs units on Ray, at most `max_in_flight` at a time, yielding each unit's results
+    as it completes (lineage.audit.RunUnits); prints progress every few seconds."""
+
+    def __init__(self, pool: Dispatcher, max_in_flight: int) -> None:
+        self.pool = pool
+        self.max_in_flight = max_in_flight
+        self.peak_in_flight = 0
+
+    def __call__(self, units: list[Unit], what: str = "refine") -> Iterator[tuple[Unit, list]]:
+        pending = list(units)
+        total = sum(u.nbytes for u in units)
+        in_flight: dict = {}
+        done_bytes, t0, last = 0, time.perf_counter(), 0.0
+        try:
+            while pending or in_flight:
+                while pending and len(in_flight) < self.max_in_flight:
+                    u = pending.pop(0)
+                    in_flight[self.pool.submit(u)] = u
+                self.peak_in_flight = max(self.peak_in_flight, len(in_flight))
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=PROGRESS_S)
+                for ref in ready:
+                    u = in_flight.pop(ref)
+                    self.pool.done(ref)
+                    done_bytes += u.nbytes
+                    yield u, ray.get(ref)
+                now = time.perf_counter()
+                if now - last > PROGRESS_S or not (pending or in_flight):
+                    last = now
+                    done = len(units) - len(pending) - len(in_flight)
+                    say(
+                        f"{what}: units {done}/{len(units)}  {done_bytes / 1e9:.2f}/{total / 1e9:.2f} GB  "
+                        f"{done_bytes / 1e6 / max(now - t0, 1e-9):.0f} MB/s"
+                    )
+        finally:
+            for ref in in_flight:  # interrupted: do not leave work running for nobody
+                ray.cancel(ref, force=True)
+
+
 def execute(plan: AuditPlan, s: Settings) -> list[dict]:
-    """Run the plan's units on Ray, at most `max_in_flight` at a time, and reduce them."""
+    """Run the plan's units on Ray, reduce them, then decide (refiners' work on Ray too)."""
     res = ray.cluster_resources()
     c = s.compute
     slots = int(res.get("GPU", 0) // c.gpus_per_task) if c.gpus_per_task else int(res.get("CPU", 1) // max(c.cpus_per_task, 1e-9))
     slots = max(1, min(slots, len(plan.units) or 1))
     max_in_flight = c.max_in_flight or 2 * slots
-    pool = Dispatcher(
-        c.cpus_per_task, c.gpus_per_task, s.chunk_bytes, plan.model_set.base, n_actors=slots, sample_fraction=s.sample_fraction
-    )
+    pool = Dispatcher(c.cpus_per_task, c.gpus_per_task, s.fit_options, n_actors=slots)
     if pool.actors:
         info = pool.describe()
         say(
             f"{len(info)} fit actors, {c.gpus_per_task:g} GPU each: "
             + ", ".join(f"gpu {','.join(i['gpu_ids'])} -> {i['device']}" for i in info)
         )
+    runner = RayRunner(pool, max_in_flight)
     reducer = Reducer(plan, s.output_dir, s.flush_rows)
-    pending = list(plan.units)
-    in_flight: dict = {}
-    done_bytes, t0, last, peak_in_flight = 0, time.perf_counter(), 0.0, 0
     try:
-        while pending or in_flight:
-            while pending and len(in_flight) < max_in_flight:
-                u = pending.pop(0)
-                in_flight[pool.submit(u)] = u
-            peak_in_flight = max(peak_in_flight, len(in_flight))
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in ready:
-                u = in_flight.pop(ref)
-                pool.done(ref)
-                reducer.add(ray.get(ref), u.uid)
-                done_bytes += u.nbytes
-            now = time.perf_counter()
-            if now - last > 5 or not (pending or in_flight):
-                last = now
-                done = len(plan.units) - len(pending) - len(in_flight)
-                say(
-                    f"units {done}/{len(plan.units)}  {done_bytes / 1e9:.2f}/{plan.nbytes / 1e9:.2f} GB  {done_bytes / 1e6 / max(now - t0, 1e-9):.0f} MB/s"
-                )
+        try:
+            for u, results in runner(plan.units, "fit"):
+                reducer.add(results, u.uid)
+        finally:
+            reducer.writer.close()  # complete rows reach the disk even when interrupted
+        reducer.finish()
+        verdicts = decide_all(plan, s.output_dir, lambda units: runner(units, "refine"), s.unit_bytes)
     finally:
         pool.close()
-    verdicts = reducer.finish()
     say(
-        f"driver: at most {peak_in_flight} units in flight (cap {max_in_flight}), at most {reducer.writer.max_buffered} rows buffered (flush at {s.flush_rows})"
+        f"driver: at most {runner.peak_in_flight} units in flight (cap {max_in_flight}), at most {reducer.writer.max_buffered} rows buffered (flush at {s.flush_rows})"
     )
     return verdicts
 
@@ -209,7 +235,7 @@ def _run(s: Settings) -> list[dict]:
     say(
         f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}"
     )
-    plan = plan_audit(s.model_set, s.unit_bytes, 1, s.max_item_bytes)  # headers only: bad input fails before Ray starts
+    plan = plan_audit(s.model_set)  # headers only: bad input fails before Ray starts
     if plan.resume_from(s.output_dir, sample_fraction=s.sample_fraction, say=say):
         say(f"resuming: {len(plan.done)} of {len(plan.groups)} tensors already written in {s.output_dir}")
     for m in plan.suspects + plan.candidates:

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from lineage.demo import materialize
 from lineage.errors import LineageError
 from lineage.modelset import ModelSet
+from lineage.options import FitOptions
 
 MB = 1 << 20
 
@@ -41,6 +42,11 @@ class Settings:
     flush_rows: int
     wait_for_lock: bool
     compute: Compute
+
+    @property
+    def fit_options(self) -> FitOptions:
+        """How each tensor is read and fitted (threads and device are set per worker)."""
+        return FitOptions(chunk_bytes=self.chunk_bytes, sample_fraction=self.sample_fraction, base=self.model_set.base)
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Settings:

@@ -3,7 +3,8 @@
 On CPU a unit is a Ray task (cheap to start, retried by Ray if its worker
 dies). On GPU each worker is an actor that holds one GPU for the whole
 audit, so CUDA initialises once per GPU rather than once per unit; Ray
-restarts a dead actor and retries its unfinished calls.
+restarts a dead actor and retries its unfinished calls. Both run
+`lineage.work.run_unit`: the fit's items and, after it, the refiners'.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import os
 
 import ray
 
+from lineage.options import FitOptions
 from lineage.plan import Unit
-from lineage.work import ItemResult, run_unit
+from lineage.work import run_unit
 
 RETRIES = 3
 
@@ -29,13 +31,13 @@ def pick_device(want_gpu: bool) -> str:
     return "cpu"
 
 
-def fit_unit(unit: Unit, chunk_bytes: int, base: str | None, sample_fraction: float, threads: int) -> list[ItemResult]:
-    """The CPU task body; `threads` kernel threads, one per CPU the task was given."""
-    return run_unit(unit, chunk_bytes, base, "cpu", sample_fraction, threads)
+def fit_unit(unit: Unit, opts: FitOptions) -> list:
+    """The CPU task body (`opts.threads` kernel threads, one per CPU the task was given)."""
+    return run_unit(unit, opts)
 
 
 class FitActor:
-    """One GPU (logical or real) held for the audit; fits the units sent to it."""
+    """One GPU (logical or real) held for the audit; runs the units sent to it."""
 
     def __init__(self) -> None:
         self.device = pick_device(True)
@@ -43,17 +45,15 @@ class FitActor:
     def info(self) -> dict:
         return {"device": self.device, "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "pid": os.getpid()}
 
-    def fit(self, unit: Unit, chunk_bytes: int, base: str | None, sample_fraction: float, threads: int) -> list[ItemResult]:
-        return run_unit(unit, chunk_bytes, base, self.device, sample_fraction, threads)
+    def fit(self, unit: Unit, opts: FitOptions) -> list:
+        return run_unit(unit, opts.with_(device=self.device))
 
 
 class Dispatcher:
     """`submit(unit) -> ObjectRef` over tasks or an actor pool, same interface."""
 
-    def __init__(
-        self, cpus: float, gpus: float, chunk_bytes: int, base: str | None, n_actors: int = 0, sample_fraction: float = 1.0
-    ) -> None:
-        self.args = (chunk_bytes, base, sample_fraction, max(1, int(cpus)))
+    def __init__(self, cpus: float, gpus: float, opts: FitOptions, n_actors: int = 0) -> None:
+        self.opts = opts.with_(threads=max(1, int(cpus)))
         self.actors: list = []
         self.load: dict[int, int] = {}
         self.owner: dict = {}
@@ -69,9 +69,9 @@ class Dispatcher:
 
     def submit(self, unit: Unit):
         if not self.actors:
-            return self.task.remote(unit, *self.args)
+            return self.task.remote(unit, self.opts)
         i = min(self.load, key=self.load.__getitem__)
-        ref = self.actors[i].fit.remote(unit, *self.args)
+        ref = self.actors[i].fit.remote(unit, self.opts)
         self.load[i] += 1
         self.owner[ref] = i
         return ref

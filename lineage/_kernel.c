@@ -359,5 +359,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernel", "lineage's
 
 PyMODINIT_FUNC PyInit__kernel(void) {
     choose_path();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* the one definition of the candidate limit: Python reads it from here */
+    if (m != NULL && PyModule_AddIntConstant(m, "MAX_CANDIDATES", MAXC) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -12,10 +12,11 @@ candidate tensor that no suspect tensor used is counted in the coverage.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from lineage.dtypes import DTYPES
 from lineage.errors import LineageError
+from lineage.geometry import View, check_scale, crop, matrix_shape, segment
 from lineage.header import TensorEntry
 from lineage.layout import (
     FUSED,
@@ -29,7 +30,6 @@ from lineage.layout import (
     per_expert_key,
 )
 from lineage.source import Model, natural_key
-from lineage.views import View, check_scale, matrix_shape, segment
 
 CROPPABLE = ("embedding", "head")
 
@@ -164,18 +164,6 @@ def _group(s_ix: Index, e: TensorEntry, c_ixs: list[Index], used: dict[str, set[
         s_view = crop(s_view, rows)
         sides = [Side(s.candidate, crop(s.view, rows), s.reason) if s.view is not None else s for s in sides]
     return Group(**meta, view=s_view, sides=tuple(sides))
-
-
-def crop(view: View, rows: int) -> View:
-    """The first `rows` rows of a single-segment view (common vocabulary rows)."""
-    if view.rows == rows:
-        return view
-    (seg,) = view.segments
-    return View((segment_rows(seg, seg.row0, seg.row0 + rows),))
-
-
-def segment_rows(seg, r0: int, r1: int):
-    return replace(seg, row0=r0, row1=r1)
 
 
 def _pair(e: TensorEntry, ix: Index, comp: str) -> Side:

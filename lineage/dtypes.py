@@ -52,14 +52,30 @@ DTYPES: dict[str, DType] = {d.name: d for d in _TABLE}
 FP8 = frozenset({"F8_E4M3", "F8_E5M2"})
 
 
-def rounding_tolerance(a: str, b: str) -> float:
-    """Largest relative distance explained by storing one weight in dtypes a and b.
+MIXED = "mixed"  # the dtype of a view whose segments differ (geometry.View.dtype)
+#: Near-equality of an element where a view mixes dtypes, so no single
+#: rounding applies: FP8 E4M3's roundoff, the coarsest of the mixes met
+#: (per-expert FP8 matrices with BF16 ones).
+MIXED_NEAR_TOLERANCE = 2.0**-4
+
+
+def rounding_tolerance(a: str, b: str) -> float | None:
+    """Largest relative distance explained by storing one weight in dtypes a and b;
+    None when either side mixes dtypes (no one rounding bounds it).
 
     Two tensors in the same dtype that hold the same values are bit-equal, so
     the tolerance is a small fraction of an ULP (a rare flip from a round
     trip). Across dtypes the coarser dtype's roundoff bounds the RMS error.
     """
+    if MIXED in (a, b):
+        return None
     ua, ub = DTYPES[a].unit_roundoff, DTYPES[b].unit_roundoff
     if a == b:
         return ua / 16
     return max(ua, ub)
+
+
+def view_tolerance(a: str, b: str) -> float:
+    """The per-element near-equality tolerance the engines count with."""
+    tol = rounding_tolerance(a, b)
+    return MIXED_NEAR_TOLERANCE if tol is None else tol

@@ -7,6 +7,10 @@ expert tensor can be spread across workers. Items are then packed into
 units by longest-processing-time-first: each goes to the currently lightest
 unit, which keeps units within a few percent of each other when items are
 small against a unit.
+
+The refiners' work (sampled comparisons of other layers, permutation
+searches) is packed the same way (`pack`), so it runs on the same workers,
+bounded the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import heapq
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from lineage.align import Group
 
@@ -29,12 +34,14 @@ class Item:
     part: int
     parts: int
     nbytes: int
+    #: the fraction of rows read, when not the audit's (a refiner's sampled comparison)
+    sample_fraction: float | None = None
 
 
 @dataclass(frozen=True)
 class Unit:
     uid: int
-    items: tuple[Item, ...]
+    items: tuple[Any, ...]  # Item, or another work item with `nbytes` and `run(reader, opts)`
 
     @property
     def nbytes(self) -> int:
@@ -58,7 +65,11 @@ def items_of(groups: list[Group | None], max_item_bytes: int) -> list[Item]:
 
 def plan_units(groups: list[Group | None], unit_bytes: int, min_units: int = 1, max_item_bytes: int | None = None) -> list[Unit]:
     """Pack the groups' items into about total/unit_bytes units (at least `min_units`)."""
-    items = items_of(groups, max_item_bytes or unit_bytes)
+    return pack(items_of(groups, max_item_bytes or unit_bytes), unit_bytes, min_units)
+
+
+def pack(items: list, unit_bytes: int, min_units: int = 1) -> list[Unit]:
+    """Work items (anything with `nbytes`) into about total/unit_bytes units, heaviest first."""
     if not items:
         return []
     total = sum(i.nbytes for i in items)
@@ -70,7 +81,12 @@ def plan_units(groups: list[Group | None], unit_bytes: int, min_units: int = 1, 
         load, u = heapq.heappop(heap)
         bins[u].append(it)
         heapq.heappush(heap, (load + it.nbytes, u))
-    return [Unit(u, tuple(sorted(b, key=lambda i: (i.gid, i.part)))) for u, b in enumerate(bins)]
+    return [Unit(u, tuple(sorted(b, key=_order))) for u, b in enumerate(bins)]
+
+
+def _order(item: Any) -> tuple:
+    """Items of a unit in plan order (fit items by group and part; others as planned)."""
+    return (getattr(item, "gid", 0), getattr(item, "part", 0))
 
 
 def imbalance(units: list[Unit]) -> float:

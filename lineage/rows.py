@@ -19,7 +19,7 @@ from lineage.align import Group
 from lineage.dtypes import rounding_tolerance
 from lineage.errors import where
 from lineage.fit import blend, single
-from lineage.stats import Stats
+from lineage.stats import Stats, to_columns
 
 #: Bumped when the stored statistics change meaning or columns (2: row and
 #: column sums for the permutation null, dropped-delta energy). Part of the
@@ -135,19 +135,7 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
             row["status"], row["reason"] = "error", f"{where(path, group.tensor)}: fit failed ({type(e).__name__}: {e})"
             singles, stats = {}, None
     if row["status"] == "ok" and stats is not None:
-        row.update(
-            elements=stats.n,
-            bytes_read=stats.bytes_read,
-            stats_order=stats.order,
-            stats_gram=stats.gram.flatten().tolist(),
-            stats_sums=stats.sums.tolist(),
-            stats_exact=stats.exact,
-            stats_near=stats.near,
-            stats_dropped=stats.dropped,
-            stats_cols=stats.cols,
-            stats_rowgram=stats.rowgram.flatten().tolist(),
-            stats_colgram=stats.colgram.flatten().tolist(),
-        )
+        row.update(bytes_read=stats.bytes_read, **to_columns(stats))
         if b is not None:
             row.update(
                 base=b.base,
@@ -176,27 +164,7 @@ def tensor_row(group: Group, stats: Stats | None, error: str | None = None, base
                 "exact_frac": sg.exact_frac if sg else None,
                 "near_frac": stats.near[stats.order.index(name)] / stats.n if sg and stats is not None and stats.n else None,
                 "z": _finite(sg.z) if sg else None,
-                "rounding_tol": rounding_tolerance(group.dtype, cdtype) if cdtype and cdtype != "mixed" else None,
+                "rounding_tol": rounding_tolerance(group.dtype, cdtype) if cdtype else None,
             }
         )
     return row
-
-
-def stats_of(row: dict) -> Stats | None:
-    """Rebuild the Stats stored in a row (None when the row has none)."""
-    if not row.get("stats_order"):
-        return None
-    return Stats.from_dict(
-        {
-            "order": row["stats_order"],
-            "n": row["elements"],
-            "gram": row["stats_gram"],
-            "sums": row["stats_sums"],
-            "exact": row["stats_exact"],
-            "near": row.get("stats_near") or [],
-            "dropped": row.get("stats_dropped") or [],
-            "cols": row.get("stats_cols"),
-            "rowgram": row.get("stats_rowgram"),
-            "colgram": row.get("stats_colgram"),
-        }
-    )

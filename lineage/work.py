@@ -1,20 +1,23 @@
-"""What a worker does with one unit: read its bytes, return small stats.
+"""What a worker does with one unit: read its bytes, return small results.
 
-A plain function, so tests and the Ray task call the same code. Each item
-fails alone: a read or decode problem becomes an error string for that
-tensor, and the rest of the unit carries on.
+A plain function, so tests, `run_local` and the Ray tasks and actors call
+the same code. A unit holds fit items (plan.Item: rows of one comparison
+into Stats) and, after the fit, refiners' items (sampled comparisons of
+other layers, which are fit items too; permutation searches, which carry
+their own `run`). Each item fails alone: a read or decode problem becomes
+an error string for that tensor, and the rest of the unit carries on.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
+from lineage.engines import accumulate
 from lineage.errors import LineageError, where
+from lineage.options import FitOptions
 from lineage.plan import Item, Unit
-from lineage.stats import accumulate
-from lineage.views import Reader
+from lineage.reader import Reader
+from lineage.stats import Stats
 
 #: Largest magnitude a statistic may reach. Sums of squares of real weights
 #: are below 1e20; values near 1e300 (finite in float64) would overflow when
@@ -28,49 +31,21 @@ class ItemResult:
     gid: int
     part: int
     parts: int
-    stats: dict | None
+    stats: Stats | None
     error: str | None
 
 
-def run_unit(
-    unit: Unit,
-    chunk_bytes: int,
-    base: str | None = None,
-    device: str = "cpu",
-    sample_fraction: float = 1.0,
-    threads: int = 1,
-) -> list[ItemResult]:
-    """`threads`: the CPU cores this worker was given (the C kernel uses them all)."""
-    out = []
+def run_unit(unit: Unit, opts: FitOptions) -> list:
+    """Every item of `unit`, in order: an ItemResult per fit item, whatever other items return."""
     with Reader() as reader:
-        for it in unit.items:
-            out.append(run_item(it, reader, chunk_bytes, base, device, sample_fraction, threads))
-    return out
+        return [run_item(it, reader, opts) if isinstance(it, Item) else it.run(reader, opts) for it in unit.items]
 
 
-def run_item(
-    it: Item,
-    reader: Reader,
-    chunk_bytes: int,
-    base: str | None,
-    device: str = "cpu",
-    sample_fraction: float = 1.0,
-    threads: int = 1,
-) -> ItemResult:
+def run_item(it: Item, reader: Reader, opts: FitOptions) -> ItemResult:
     try:
-        st = accumulate(
-            it.group,
-            reader,
-            chunk_bytes,
-            (it.row0, it.row1),
-            base=base,
-            device=device,
-            sample_fraction=sample_fraction,
-            threads=threads,
-        )
-        if not st.nonfinite and not all(
-            np.isfinite(a).all() and (a.size == 0 or np.abs(a).max() <= MAX_STAT) for a in (st.gram, st.sums, st.rowgram)
-        ):
+        o = opts if it.sample_fraction is None else opts.with_(sample_fraction=it.sample_fraction)
+        st = accumulate(it.group, reader, o, (it.row0, it.row1))
+        if not st.nonfinite and not st.finite(MAX_STAT):
             return ItemResult(
                 it.gid,
                 it.part,
@@ -80,7 +55,7 @@ def run_item(
             )
         if it.parts == 1:
             st.fold()
-        return ItemResult(it.gid, it.part, it.parts, st.to_dict(), None)
+        return ItemResult(it.gid, it.part, it.parts, st, None)
     except LineageError as e:
         return ItemResult(it.gid, it.part, it.parts, None, str(e))
     except (ValueError, RuntimeError, OSError) as e:  # decode trouble from torch; keep the audit going

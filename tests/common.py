@@ -47,3 +47,14 @@ def modelset(
         "suspects": [{"name": k, "source": str(v)} for k, v in suspects.items()],
         "candidates": [{"name": k, "source": str(v), "base": k == base} for k, v in candidates.items()],
     }
+
+
+def local_runner(opts):
+    """Units run in this process (lineage.audit.RunUnits), for tests that drive the reducer by hand."""
+    from lineage.work import run_unit
+
+    def run(units):
+        for u in units:
+            yield u, run_unit(u, opts)
+
+    return run

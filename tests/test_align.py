@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from lineage.align import align
+from lineage.engines import accumulate
 from lineage.fit import single
 from lineage.layout import canonical, component, layer_index
+from lineage.options import FitOptions
+from lineage.reader import Reader
 from lineage.source import resolve
-from lineage.stats import accumulate
-from lineage.views import Reader
 from tests.common import write_model
 
 E, INTER, H = 4, 24, 16
@@ -44,7 +45,7 @@ def _compare_all(sus, cand):
     with Reader() as r:
         for g in groups:
             assert g.status == "ok", g.reason
-            out[g.tensor] = single(accumulate(g, r, 1 << 10), cand.name)
+            out[g.tensor] = single(accumulate(g, r, FitOptions(chunk_bytes=1 << 10)), cand.name)
     return out, unmatched
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lineage.audit import Reducer, plan_audit
+from lineage.audit import Reducer, decide_all, plan_audit
 from lineage.errors import LineageError
 from lineage.modelset import ModelSet
+from lineage.options import FitOptions
 from lineage.output import read_rows
 from lineage.source import resolve
 from lineage.work import run_unit
-from tests.common import modelset, write_model
+from tests.common import local_runner, modelset, write_model
 
 
 def test_duplicate_names_and_bad_members():
@@ -47,14 +48,15 @@ def test_file_truncated_after_planning_becomes_error_rows(tmp_path):
     write_model(tmp_path / "c", cand)
     write_model(tmp_path / "s", sus, shards=2)  # w0, w2, w4 in the first shard
     ms = ModelSet.from_dict(modelset({"s": tmp_path / "s"}, {"c": tmp_path / "c"}))
-    plan = plan_audit(ms, unit_bytes=1 << 30, min_units=3)
+    plan = plan_audit(ms).pack(1 << 30, min_units=3)
     f = tmp_path / "s" / "model-00002-of-00002.safetensors"
     size = f.stat().st_size
     f.write_bytes(f.read_bytes()[: -64 * 64 * 4 - 100])  # the last tensor, and a bit more, gone
     red = Reducer(plan, tmp_path / "out")
     for u in plan.units:
-        red.add(run_unit(u, 1 << 20), u.uid)
-    (v,) = red.finish()
+        red.add(run_unit(u, FitOptions(chunk_bytes=1 << 20)), u.uid)
+    red.finish()
+    (v,) = decide_all(plan, tmp_path / "out", local_runner(FitOptions()))
     rows = {r["tensor"]: r for r in read_rows(tmp_path / "out", "s")}
     errors = {k: r["reason"] for k, r in rows.items() if r["status"] == "error"}
     assert set(errors) == {"w1", "w3", "w5"}
@@ -75,8 +77,8 @@ def test_transient_read_error_is_retried(tmp_path):
     import threading
 
     from lineage.align import align
-    from lineage.stats import accumulate
-    from lineage.views import Reader
+    from lineage.engines import accumulate
+    from lineage.reader import Reader
 
     write_model(tmp_path / "s", {"w": torch.randn(32, 32)})
     write_model(tmp_path / "c", {"w": torch.randn(32, 32)})
@@ -86,11 +88,11 @@ def test_transient_read_error_is_retried(tmp_path):
     f.rename(away)
     threading.Timer(0.3, lambda: away.rename(f)).start()
     with Reader(retries=3, backoff_s=0.2) as r:
-        st = accumulate(g, r, 1 << 20)
+        st = accumulate(g, r, FitOptions(chunk_bytes=1 << 20))
         assert st.n == 32 * 32 and r.retried >= 1
     f.rename(away)
     with (
         Reader(retries=1, backoff_s=0.01) as r,
         pytest.raises(LineageError, match=r"model.safetensors \[w\]: read failed after 2 attempts"),
     ):
-        accumulate(g, r, 1 << 20)
+        accumulate(g, r, FitOptions(chunk_bytes=1 << 20))

@@ -15,14 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lineage.audit import Reducer, plan_audit, run_local
+from lineage.audit import Reducer, decide_all, plan_audit, run_local
 from lineage.errors import LineageError
 from lineage.modelconfig import head_dim
 from lineage.modelset import ModelSet
+from lineage.options import FitOptions
 from lineage.output import read_rows
 from lineage.source import resolve
 from lineage.work import run_unit
-from tests.common import MINILM, modelset, raw_safetensors, write_model
+from tests.common import MINILM, local_runner, modelset, raw_safetensors, write_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -275,14 +276,15 @@ def test_file_replaced_after_planning_is_not_read_at_old_offsets(tmp_path):
     w = {f"w{i}": torch.randn(32, 32, generator=g) for i in range(3)}
     write_model(tmp_path / "c", w)
     write_model(tmp_path / "s", w)
-    plan = plan_audit(ModelSet.from_dict(modelset({"s": tmp_path / "s"}, {"c": tmp_path / "c"})), 1 << 30)
+    plan = plan_audit(ModelSet.from_dict(modelset({"s": tmp_path / "s"}, {"c": tmp_path / "c"}))).pack(1 << 30)
     from safetensors.torch import save_file
 
     save_file(w, str(tmp_path / "s" / "model.safetensors"), metadata={"pad": "x" * 1024})
     red = Reducer(plan, tmp_path / "out")
     for u in plan.units:
-        red.add(run_unit(u, 1 << 20), u.uid)
-    (v,) = red.finish()
+        red.add(run_unit(u, FitOptions(chunk_bytes=1 << 20)), u.uid)
+    red.finish()
+    (v,) = decide_all(plan, tmp_path / "out", local_runner(FitOptions()))
     rows = read_rows(tmp_path / "out", "s")
     assert {r["status"] for r in rows} == {"error"}
     assert all("file changed since the audit was planned (size" in r["reason"] for r in rows)

@@ -10,11 +10,16 @@ import pytest
 import torch
 
 from lineage.align import align
+from lineage.decode import decoded
 from lineage.demo import fp8_dequantize, fp8_quantize
+from lineage.engines import accumulate
+from lineage.engines import kernel as K
 from lineage.fit import blend, single
+from lineage.geometry import View, segment
+from lineage.options import FitOptions
+from lineage.reader import Reader
 from lineage.source import resolve
-from lineage.stats import Stats, accumulate
-from lineage.views import Reader, View, segment
+from lineage.stats import from_columns, to_columns
 from tests.common import write_model
 
 torch.manual_seed(0)
@@ -27,7 +32,7 @@ def test_decode_float_dtypes(tmp_path, dtype):
     m = resolve("m", str(tmp_path))
     ix_view = View((segment(m.tensors["w"]),))
     with Reader() as r:
-        got = r.read(ix_view, 3, 30)
+        got = decoded(r, ix_view, 3, 30)
     assert torch.equal(got.to(torch.float64), w[3:30].to(torch.float64))
 
 
@@ -62,7 +67,7 @@ def test_fp8_block_scales_cropped_and_in_another_shard(tmp_path, scale_dtype):
     groups, _ = align(sus, [cand])
     (g,) = [g for g in groups if g.tensor == "layer.weight"]
     with Reader() as r:
-        st = accumulate(g, r, chunk_bytes=1 << 12)  # a few rows per chunk, crossing block rows
+        st = accumulate(g, r, FitOptions(chunk_bytes=1 << 12))  # a few rows per chunk, crossing block rows
     sg = single(st, "fp8")
     assert sg.exact_frac == 1.0 and sg.rel_dist == 0.0
     # and FP8 storage noise is "a few percent": within the F8 rounding tolerance
@@ -83,7 +88,7 @@ def _stats(tmp_path, s, ps, chunk=1 << 30, rows=None):
     cands = [_pair_model(tmp_path, f"p{i}", {"w": p}) for i, p in enumerate(ps)]
     groups, _ = align(sus, cands)
     with Reader() as r:
-        return accumulate(groups[0], r, chunk, rows)
+        return accumulate(groups[0], r, FitOptions(chunk_bytes=chunk), rows)
 
 
 def test_chunking_does_not_change_the_result(tmp_path):
@@ -112,9 +117,9 @@ def test_row_split_stats_merge_exactly(tmp_path):
     assert np.allclose(merged.gram, whole.gram, rtol=1e-12)
     assert np.allclose(merged.rowgram, whole.rowgram, rtol=1e-12)
     assert np.allclose(merged.colgram, whole.colgram, rtol=1e-12)
-    back = Stats.from_dict(merged.to_dict())
+    back = from_columns(to_columns(merged))  # the one codec between Stats and its stored columns
     assert np.array_equal(back.gram, merged.gram) and np.array_equal(back.colgram, merged.colgram)
-    folded = Stats.from_dict(merged.fold().to_dict())  # what a worker sends for a tensor read whole
+    folded = from_columns(to_columns(merged.fold()))  # a tensor read whole, as stored
     assert folded.colsum is None and np.allclose(folded.colgram, whole.colgram, rtol=1e-12)
     assert single(folded, "p0").z == pytest.approx(single(whole, "p0").z, rel=1e-9)
     with pytest.raises(ValueError, match="folded"):
@@ -183,17 +188,15 @@ def _group(tmp_path, s, ps):
 def test_kernel_and_torch_engines_agree(tmp_path, dtypes):
     """The C kernel (raw BF16 or decoded float32 input) and the torch path give
     the same statistics to float64 rounding, for 1 to 4 candidates."""
-    from lineage.stats import _kernel
-
-    if _kernel is None:
+    if K._kernel is None:
         pytest.skip("lineage._kernel not built")
     base = torch.randn(301, 77)
     xs = [(base + 0.05 * i * torch.randn(301, 77)).to(dt) for i, dt in enumerate(dtypes)]
     xs[0][5, 5] = xs[1][5, 5]  # some exact matches
     g = _group(tmp_path, xs[0], xs[1:])
     with Reader() as r:
-        a = accumulate(g, r, 1 << 14, engine="kernel")
-        b = accumulate(g, r, 1 << 14, engine="torch")
+        a = accumulate(g, r, FitOptions(chunk_bytes=1 << 14), engine="kernel")
+        b = accumulate(g, r, FitOptions(chunk_bytes=1 << 14), engine="torch")
     assert a.n == b.n == 301 * 77 and a.exact == b.exact and a.near == b.near
     assert a.dropped == pytest.approx(b.dropped, rel=1e-10, abs=1e-12)
     assert np.allclose(a.gram, b.gram, rtol=1e-11, atol=1e-11 * float(np.abs(b.gram).max()))
@@ -212,11 +215,11 @@ def test_kernel_counts_nonfinite(tmp_path):
     x[10, 3] = float("inf")
     g = _group(tmp_path, x, [torch.randn(64, 64).to(torch.bfloat16), torch.randn(64, 64).to(torch.bfloat16)])
     with Reader() as r:
-        assert accumulate(g, r, 1 << 20, engine="kernel").nonfinite == {"suspect": 1}
+        assert accumulate(g, r, FitOptions(chunk_bytes=1 << 20), engine="kernel").nonfinite == {"suspect": 1}
 
 
 def test_sampled_ranges_are_deterministic_and_proportional():
-    from lineage.stats import sample_ranges
+    from lineage.sampling import sample_ranges
 
     full = sample_ranges(0, 10000, 10, 1.0, "t")
     assert full == [(0, 10000)]
@@ -266,11 +269,9 @@ def test_permutation_null_holds_where_the_structure_free_null_fails(tmp_path, al
 def test_threads_and_memory_maps_do_not_change_the_result(tmp_path, monkeypatch):
     """The kernel path fits BF16 rows in place in mapped pages with any number of threads,
     or copies them; every variant adds the same pieces in the same order: equal bit for bit."""
-    from lineage import stats as S
-
-    if S._kernel is None:
+    if K._kernel is None:
         pytest.skip("lineage._kernel not built")
-    monkeypatch.setattr(S, "KERNEL_CHUNK", 1 << 16)  # many pieces, rows of 300 columns
+    monkeypatch.setattr(K, "KERNEL_CHUNK", 1 << 16)  # many pieces, rows of 300 columns
     base = torch.randn(999, 300)
     xs = [(base + 0.05 * i * torch.randn(999, 300)).to(torch.bfloat16) for i in range(3)]
     g = _group(tmp_path, xs[0], xs[1:])
@@ -281,7 +282,7 @@ def test_threads_and_memory_maps_do_not_change_the_result(tmp_path, monkeypatch)
                 views = [g.view] + [s.view for s in g.paired]
                 order = [s.candidate for s in g.paired]
                 ranges = [(0, 999)]
-                out[threads, mapped] = S._accumulate_kernel(views, order, r, 1 << 30, ranges, threads, mapped)
+                out[threads, mapped] = K.accumulate(views, order, r, 1 << 30, ranges, threads, mapped)
         assert r.bytes_read == 6 * 3 * 999 * 300 * 2
     ref = out[1, False]
     for key, st in out.items():
@@ -302,16 +303,14 @@ def test_mapped_pages_do_not_stay_resident(tmp_path):
     """The in-place fit touches every byte of three 64 MiB tensors through memory maps;
     dropping each chunk's pages keeps the process's file-backed resident memory flat
     (without it, it would grow by the bytes read: worker memory would scale with the model)."""
-    from lineage import stats as S
-
-    if S._kernel is None:
+    if K._kernel is None:
         pytest.skip("lineage._kernel not built")
     base = torch.randn(8192, 4096).to(torch.bfloat16)
     g = _group(tmp_path, base, [base, base])
     with Reader() as r:
-        S.accumulate(g, r, 64 << 20, rows=(0, 64))  # map the files, import what the path needs
+        accumulate(g, r, FitOptions(), rows=(0, 64))  # map the files, import what the path needs
         before = _rss_file_kb()
-        st = S.accumulate(g, r, 64 << 20, threads=2)
+        st = accumulate(g, r, FitOptions(threads=2))
         grown_mb = (_rss_file_kb() - before) / 1024
     assert st.n == 8192 * 4096 and r.bytes_read >= 3 * 64 * 2**20
     assert grown_mb < 24, grown_mb
@@ -339,9 +338,7 @@ def test_every_vector_path_gives_the_same_bits():
     import subprocess
     import sys
 
-    from lineage import stats as S
-
-    if S._kernel is None:
+    if K._kernel is None:
         pytest.skip("lineage._kernel not built")
     got = {}
     for want in ("", "avx2", "generic"):

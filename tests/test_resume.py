@@ -15,6 +15,7 @@ import pytest
 from lineage.audit import Reducer, plan_audit, run_local
 from lineage.errors import LineageError
 from lineage.modelset import ModelSet
+from lineage.options import FitOptions
 from lineage.work import run_unit
 from tests.common import modelset
 
@@ -42,16 +43,17 @@ def test_resume_recomputes_only_missing_tensors(demo_root, tmp_path):
     ms = demo_set(demo_root)
     full = run_local(ms, tmp_path / "full")
     # a run that dies after two of its units: rows flushed one at a time, then nothing more
-    plan = plan_audit(ms, 1 << 30)
+    plan = plan_audit(ms)
     plan.resume_from(tmp_path / "crash")
     plan.pack(1 << 30, min_units=8)
     red = Reducer(plan, tmp_path / "crash", flush_rows=1)
     for u in plan.units[:2]:
-        red.add(run_unit(u, 64 << 20), u.uid)
+        red.add(run_unit(u, FitOptions(base=ms.base)), u.uid)
+    red.writer.close()
     written = len(dataset(tmp_path / "crash"))
     assert 0 < written < 55
 
-    again = plan_audit(ms, 1 << 30)
+    again = plan_audit(ms)
     assert again.resume_from(tmp_path / "crash") == written
     again.pack(1 << 30, min_units=8)
     assert sum(len(u.items) for u in again.units) == sum(1 for g in again.groups if g.status == "ok") - written
@@ -103,7 +105,7 @@ def test_killed_driver_resumes(demo_root, tmp_path):
     assert f"resuming: {before} of 55 tensors" in r.stdout
     assert 0 < before < 55, "the first run finished before it could be killed"
     full = tmp_path / "full"
-    run_local(demo_set(demo_root), full, chunk_bytes=int(chunk_mb * (1 << 20)))
+    run_local(demo_set(demo_root), full, FitOptions(chunk_bytes=int(chunk_mb * (1 << 20))))
     assert dataset(out) == dataset(full)
 
 
@@ -111,7 +113,7 @@ def test_sampled_audit_same_verdict_wider_intervals(demo_root, tmp_path):
     """fit.sample_fraction: same class and weights within 0.01 of the full audit;
     per-tensor standard errors grow as fewer elements are read."""
     (full,) = run_local(demo_set(demo_root), tmp_path / "full")
-    (part,) = run_local(demo_set(demo_root), tmp_path / "part", sample_fraction=0.1)
+    (part,) = run_local(demo_set(demo_root), tmp_path / "part", FitOptions(sample_fraction=0.1))
     assert part["verdict"] == full["verdict"] == "blend"
     for pf, pp in zip(full["parents"], part["parents"]):
         assert pf["name"] == pp["name"] and abs(pf["weight"] - pp["weight"]) < 0.01

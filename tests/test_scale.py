@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from lineage.align import align
+from lineage.decode import decoded
 from lineage.errors import LineageError
 from lineage.manifest import load_manifest
 from lineage.plan import imbalance, plan_units
-from lineage.views import Reader
+from lineage.reader import Reader
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
 pytestmark = pytest.mark.skipif(not MANIFESTS.exists(), reason="../shared/manifests not present")
@@ -53,4 +54,4 @@ def test_units_balanced_within_5_percent(aligned, workers):
 def test_manifest_bytes_cannot_be_read(aligned):
     groups, _ = aligned
     with Reader(retries=0) as r, pytest.raises(LineageError, match="manifest://"):
-        r.read(groups[0].view, 0, 1)
+        decoded(r, groups[0].view, 0, 1)

@@ -1,144 +1,28 @@
-"""Row views over tensors on disk, and the byte-range reader behind them.
+"""Byte-range reads of tensor files, by a worker, within a bounded memory.
 
-Every comparison in lineage is between two *views* with the same number of
-rows and columns. A view is a list of row ranges of real tensors, each seen
-as a 2-D matrix (`[..., rows, cols]` flattened to `[prod(...)*rows, cols]`;
-1-D as `[n, 1]`). That one shape covers renamed copies (one whole tensor),
-fused versus per-expert experts (2E per-expert matrices against the rows of
-one fused tensor), and vocabularies of different sizes (the common rows).
-
-Reading rows `[a, b)` of a view costs one `pread` per segment it crosses; a
-worker's memory is the rows it asked for, never the tensor or the file. FP8
-segments carry their block-scale tensor and are dequantized per chunk.
+Reading rows `[a, b)` of a view costs one `pread` per segment it crosses;
+a worker's memory is the rows it asked for, never the tensor or the file.
 Rows inside one segment can also be seen in place, through a read-only
 memory map of the file (`Reader.map_rows`): no copy, which is what lets the
-fit run at a good fraction of a page-cache read.
+fit run at a good fraction of a page-cache read. Files are opened without
+blocking, regular files only, and compared with the file as planned
+(files.py); decoding the bytes into numbers is decode.py's.
 """
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from lineage.dtypes import DTYPES, FP8
+from lineage.dtypes import DTYPES
 from lineage.errors import LineageError
 from lineage.files import Stamp, open_fd
-from lineage.header import TensorEntry
-from lineage.layout import FP8_BLOCK
-
-if TYPE_CHECKING:  # decoding imports torch when it runs; the BF16 kernel path never does
-    import torch
+from lineage.geometry import Segment, View, locate, pieces
 
 HUGE = 2 << 20  # bytes of the largest page the kernel maps a file with (x86-64, arm64 4K)
-
-
-def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(rows, cols) of a tensor seen as a matrix."""
-    if len(shape) == 0:
-        return 1, 1
-    if len(shape) == 1:
-        return shape[0], 1
-    return math.prod(shape[:-1]), shape[-1]
-
-
-@dataclass(frozen=True)
-class Scale:
-    """An FP8 block-scale tensor: one F32/BF16 factor per 128x128 block."""
-
-    path: str
-    name: str
-    dtype: str
-    start: int
-    rows: int  # rows of the scale seen as a matrix
-    cols: int
-    stamp: Stamp | None = None
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Rows [row0, row1) of one tensor on disk, seen as a matrix."""
-
-    path: str
-    name: str
-    dtype: str
-    start: int  # byte offset of the tensor's first element
-    cols: int
-    row0: int
-    row1: int
-    inner_rows: int  # rows of one 2-D slice (shape[-2]); FP8 blocks restart per slice
-    scale: Scale | None = None
-    stamp: Stamp | None = None  # the file as planned: a worker refuses it if it changed
-
-    @property
-    def rows(self) -> int:
-        return self.row1 - self.row0
-
-    @property
-    def nbytes(self) -> int:
-        return self.rows * self.cols * DTYPES[self.dtype].itemsize
-
-
-@dataclass(frozen=True)
-class View:
-    """Rows of one or more segments stacked: what one side of a comparison reads."""
-
-    segments: tuple[Segment, ...]
-
-    @property
-    def rows(self) -> int:
-        return sum(s.rows for s in self.segments)
-
-    @property
-    def cols(self) -> int:
-        return self.segments[0].cols
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.segments)
-
-    @property
-    def dtype(self) -> str:
-        """The dtype of the view; 'mixed' if its segments differ."""
-        kinds = {s.dtype for s in self.segments}
-        return kinds.pop() if len(kinds) == 1 else "mixed"
-
-    @property
-    def label(self) -> str:
-        """A name for messages: the tensor, or the first and the count."""
-        names = list(dict.fromkeys(s.name for s in self.segments))
-        return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1} more)"
-
-
-def segment(entry: TensorEntry, scale: TensorEntry | None = None, rows: tuple[int, int] | None = None) -> Segment:
-    """A segment over `entry` (all rows unless `rows` is given)."""
-    r, c = matrix_shape(entry.shape)
-    inner = entry.shape[-2] if len(entry.shape) >= 2 else r
-    sc = None
-    if scale is not None:
-        sr, scc = matrix_shape(scale.shape)
-        sc = Scale(scale.path, scale.name, scale.dtype, scale.start, sr, scc, scale.stamp)
-    r0, r1 = rows if rows is not None else (0, r)
-    return Segment(entry.path, entry.name, entry.dtype, entry.start, c, r0, r1, inner, sc, entry.stamp)
-
-
-def check_scale(entry: TensorEntry, scale: TensorEntry) -> None:
-    """The scale must have one entry per 128x128 block of every 2-D slice."""
-    r, c = matrix_shape(entry.shape)
-    inner = entry.shape[-2] if len(entry.shape) >= 2 else r
-    lead = r // inner if inner else 0
-    want_r, want_c = lead * math.ceil(inner / FP8_BLOCK), math.ceil(c / FP8_BLOCK)
-    got = matrix_shape(scale.shape)
-    if got != (want_r, want_c) or scale.dtype not in ("F32", "BF16", "F16"):
-        raise LineageError(
-            f"{scale.path} [{scale.name}]: block scale {scale.dtype} {list(scale.shape)} does not fit "
-            f"{entry.name} {list(entry.shape)} (expected float [{want_r}, {want_c}] for 128x128 blocks)"
-        )
 
 
 class Reader:
@@ -253,7 +137,7 @@ class Reader:
         it is being read would end the worker with SIGBUS; Ray then retries
         the unit, and the retry sees the short file.)
         """
-        loc = self._locate(view, a, b)
+        loc = locate(view, a, b)
         if loc is None:
             return None
         seg, off, n = loc
@@ -271,7 +155,7 @@ class Reader:
         partly dropped one stays resident. With `last=False` (more rows of
         this tensor follow) the block the rows end in is kept for the next
         call, so nothing is dropped that is about to be used."""
-        loc = self._locate(view, a, b)
+        loc = locate(view, a, b)
         if loc is None:
             return
         seg, off, n = loc
@@ -281,19 +165,6 @@ class Reader:
         hi = min(end, len(mm) if mm is not None else 0)
         if mm is not None and hasattr(mm, "madvise") and hi > lo:
             mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-    @staticmethod
-    def _locate(view: View, a: int, b: int) -> tuple[Segment, int, int] | None:
-        """(segment, file offset, bytes) of rows [a, b) when one segment holds them all."""
-        base = 0
-        for seg in view.segments:
-            if base <= a and b <= base + seg.rows:
-                row_bytes = seg.cols * DTYPES[seg.dtype].itemsize
-                return seg, seg.start + (seg.row0 + a - base) * row_bytes, (b - a) * row_bytes
-            base += seg.rows
-            if base >= b:
-                break
-        return None
 
     def _map(self, seg: Segment, end: int) -> mmap.mmap:
         with self._lock:
@@ -319,68 +190,14 @@ class Reader:
     def read_raw(self, view: View, a: int, b: int, out: memoryview | bytearray | None = None) -> memoryview | bytearray:
         """Rows [a, b) of `view` as the stored bytes, undecoded, in one buffer
         (`out`, of exactly that size, when given)."""
-        itemsize = DTYPES[view.segments[0].dtype].itemsize
-        row_bytes = view.cols * itemsize
+        row_bytes = view.cols * DTYPES[view.segments[0].dtype].itemsize
         if out is None:
             out = bytearray((b - a) * row_bytes)
         elif len(out) != (b - a) * row_bytes:
             raise ValueError(f"read_raw: buffer of {len(out)} bytes for {(b - a) * row_bytes}")
-        pos, base = 0, 0
-        for seg in view.segments:
-            lo, hi = max(a, base), min(b, base + seg.rows)
-            if lo < hi:
-                n = (hi - lo) * row_bytes
-                self.pread_into(
-                    seg.path, seg.name, seg.start + (seg.row0 + lo - base) * row_bytes, memoryview(out)[pos : pos + n], seg.stamp
-                )
-                pos += n
-            base += seg.rows
-            if base >= b:
-                break
+        pos = 0
+        for seg, r0, r1 in pieces(view, a, b):
+            n = (r1 - r0) * row_bytes
+            self.pread_into(seg.path, seg.name, seg.start + r0 * row_bytes, memoryview(out)[pos : pos + n], seg.stamp)
+            pos += n
         return out
-
-    def read(self, view: View, a: int, b: int) -> torch.Tensor:
-        """Rows [a, b) of `view` as a float32 (float64 for F64) [b - a, cols] tensor."""
-        import torch
-
-        parts = []
-        base = 0
-        for seg in view.segments:
-            lo, hi = max(a, base), min(b, base + seg.rows)
-            if lo < hi:
-                parts.append(self.read_segment(seg, seg.row0 + lo - base, seg.row0 + hi - base))
-            base += seg.rows
-            if base >= b:
-                break
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def read_segment(self, seg: Segment, r0: int, r1: int) -> torch.Tensor:
-        """Absolute rows [r0, r1) of the tensor behind `seg`, decoded."""
-        import torch
-
-        dt = DTYPES[seg.dtype]
-        if dt.torch_dtype is None or not dt.is_float:
-            raise LineageError(f"{seg.path} [{seg.name}]: {seg.dtype} is not a float dtype")
-        row_bytes = seg.cols * dt.itemsize
-        raw = self.pread(seg.path, seg.name, seg.start + r0 * row_bytes, (r1 - r0) * row_bytes, seg.stamp)
-        x = torch.frombuffer(raw, dtype=dt.torch_dtype).reshape(r1 - r0, seg.cols)
-        x = x.to(torch.float64 if seg.dtype == "F64" else torch.float32)
-        if seg.dtype in FP8 and seg.scale is not None:
-            x = x * self._scales(seg, r0, r1)
-        return x
-
-    def _scales(self, seg: Segment, r0: int, r1: int) -> torch.Tensor:
-        """Per-element scale factors for rows [r0, r1): blocks expanded and cropped."""
-        import torch
-
-        sc = seg.scale
-        assert sc is not None
-        rows = torch.arange(r0, r1)
-        blocks_per_slice = math.ceil(seg.inner_rows / FP8_BLOCK)
-        block_row = (rows // seg.inner_rows) * blocks_per_slice + (rows % seg.inner_rows) // FP8_BLOCK
-        b0, b1 = int(block_row[0]), int(block_row[-1]) + 1
-        sdt = DTYPES[sc.dtype]
-        raw = self.pread(sc.path, sc.name, sc.start + b0 * sc.cols * sdt.itemsize, (b1 - b0) * sc.cols * sdt.itemsize, sc.stamp)
-        s = torch.frombuffer(raw, dtype=sdt.torch_dtype).reshape(b1 - b0, sc.cols).to(torch.float32)
-        s = s[block_row - b0]  # one scale row per data row
-        return s.repeat_interleave(FP8_BLOCK, dim=1)[:, : seg.cols]

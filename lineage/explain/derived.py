@@ -1,0 +1,42 @@
+"""Derived: related to one parent beyond rounding, and no blend explains more.
+
+A fine-tune, continued training, a perturbation or a quantisation of one
+parent. Related is decided by significance against the permutation null,
+not a cosine threshold. A fine-tune audited against its base and a sibling
+fine-tune is derived from the closest: the sibling correlates too (their
+deltas share the base), but their blend fits hardly better.
+"""
+
+from __future__ import annotations
+
+from lineage.explain.base import Explanation, document, one_parent
+from lineage.explain.blendfit import blend_fit
+from lineage.explain.evidence import Evidence
+
+
+class Derived(Explanation):
+    name = "derived"
+
+    def explain(self, ev: Evidence) -> dict | None:
+        related = ev.related
+        if not related:
+            return None
+        if len(related) >= 2:
+            blend_fit(ev)  # its evidence says why a blend was not claimed
+        per = ev.per
+        best = max(related, key=lambda n: (per[n].median_corr, -(per[n].median_rel_dist or 0)))  # type: ignore[arg-type, return-value]
+        p = per[best]
+        also = [n for n in related if n != best]
+        return document(
+            ev,
+            "derived",
+            one_parent(ev, best),
+            f"{ev.suspect} derives from {best} but is not a copy: median correlation {p.median_corr:.4f} "
+            f"(z {p.median_z:.0f} against the null of unrelated tensors, {p.frac_significant:.0%} of "
+            f"matrices significant), median relative distance {p.median_rel_dist:.3g}, beyond storage rounding."
+            + (
+                f" {', '.join(also)} also correlate{'s' if len(also) == 1 else ''} (related to {best}), but a blend explains no more."
+                if also
+                else ""
+            ),
+        )

@@ -1,0 +1,135 @@
+"""Refiner: MLP units and attention heads permuted to hide a model's origin.
+
+For a `derived` suspect (without a layer map) whose matrices correlate with
+the parent far below what its matched matrices reach (UNMATCHED_CORR of the
+TYPICAL_CORR_QUANTILE correlation: permuted rows keep column structure, so
+a permuted matrix can still be "significant" on its own), the matrices are
+grouped by layer and by what can be permuted (MLP units; attention heads,
+query rows with output columns; key/value heads), and each group becomes a
+work item (unpermute.PermutationItem) that a worker runs. The head size
+comes from config.json (modelconfig.head_dim); without a usable one, heads
+are not searched and the verdict says why. Each permutation found is
+reported under `permutation` with the correlation it restores.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from lineage.align import Index
+from lineage.explain.evidence import Evidence
+from lineage.explain.thresholds import MAX_PERMUTATION_ELEMENTS, MAX_PERMUTATION_SEARCH, TYPICAL_CORR_QUANTILE, UNMATCHED_CORR
+from lineage.geometry import View
+from lineage.layout import canonical, layer_prefix
+from lineage.modelconfig import head_dim
+from lineage.unpermute import PermutationItem
+
+#: Matrices whose rows are an MLP's hidden units, and those whose columns are.
+UNIT_ROWS = re.compile(r"(mlp\.(gate_proj|up_proj|w1|w3|fc1)|intermediate\.dense)\.weight$")
+UNIT_COLS = re.compile(r"(mlp\.(down_proj|w2|fc2)|(?<!attention\.)output\.dense)\.weight$")
+ATTN_Q = re.compile(r"(self_attn\.q_proj|attention\.self\.query)\.weight$")
+ATTN_KV = re.compile(r"(self_attn\.(k_proj|v_proj)|attention\.self\.(key|value))\.weight$")
+ATTN_O = re.compile(r"(self_attn\.o_proj|attention\.output\.dense)\.weight$")
+
+
+def classify(name: str) -> tuple[str, str, str] | None:
+    """(layer prefix, permutation group, 'rows'|'cols') of a matrix whose units can be permuted."""
+    c = canonical(name)
+    p = layer_prefix(name)
+    if p is None:
+        return None
+    if UNIT_ROWS.search(c):
+        return p, "mlp units", "rows"
+    if UNIT_COLS.search(c):
+        return p, "mlp units", "cols"
+    if ATTN_Q.search(c):
+        return p, "attention heads", "rows"
+    if ATTN_O.search(c):
+        return p, "attention heads", "cols"
+    if ATTN_KV.search(c):
+        return p, "key/value heads", "rows"
+    return None
+
+
+def unmatched(ev: Evidence, parent: str) -> list[str]:
+    """Suspect matrices that correlate with `parent` far below its typical matched level."""
+    corr = {}
+    for r in ev.matrices:
+        if r.ndim != 2:
+            continue
+        c = r.cand(parent)
+        if c is not None and c.status == "ok":
+            corr[r.tensor] = c.corr or 0.0
+    ranked = sorted(corr.values())
+    typical = ranked[int(TYPICAL_CORR_QUANTILE * (len(ranked) - 1))] if ranked else 0.0
+    return [t for t, c in corr.items() if c < UNMATCHED_CORR * typical][:MAX_PERMUTATION_SEARCH]
+
+
+class Permutations:
+    name = "permutation"
+    refines = True
+
+    def parent(self, verdict: dict | None) -> str | None:
+        if verdict is None or verdict["verdict"] != "derived" or verdict.get("layer_map"):
+            return None
+        return verdict["parents"][0]["name"]
+
+    def requests(self, ev: Evidence, verdict: dict | None) -> list:
+        name = self.parent(verdict)
+        if name is None or not ev.models:
+            return []
+        suspect, parent = ev.models[ev.suspect], ev.models[name]
+        groups: dict[tuple[str, str], dict[str, str]] = {}
+        for t in unmatched(ev, name):
+            k = classify(t)
+            if k is not None:
+                groups.setdefault((k[0], k[1]), {})[t] = k[2]
+        hd, why = head_dim(suspect.root)
+        if hd is None:
+            hd, why2 = head_dim(parent.root)
+            why = why or why2
+        if hd is None and why and any(w != "mlp units" for _, w in groups):
+            ev.warnings.append(f"attention heads not searched for permutations: {why}")
+        s_ix, p_ix = Index.build(suspect), Index.build(parent)
+        items: list[PermutationItem] = []
+        for (_, what), tensors in sorted(groups.items()):
+            unit = 1 if what == "mlp units" else hd
+            mats = []
+            for t, kind in tensors.items():
+                se, pe = suspect.tensors[t], p_ix.by_name.get(canonical(t))
+                if pe is None or pe.shape != se.shape or len(se.shape) != 2 or math.prod(se.shape) > MAX_PERMUTATION_ELEMENTS:
+                    continue
+                mats.append((t, View((s_ix.seg(se),)), View((p_ix.seg(pe),)), kind))
+            if mats and unit is not None:
+                nbytes = sum(sv.nbytes + pv.nbytes for _, sv, pv, _ in mats)
+                items.append(PermutationItem(len(items), what, unit, tuple(mats), nbytes))
+        return items
+
+    def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
+        name = self.parent(verdict)
+        if name is None or verdict is None:
+            return None
+        if ev.warnings:
+            verdict.setdefault("warnings", []).extend(ev.warnings)
+        found = [p for p in results if p is not None]
+        if not found:
+            return verdict
+        verdict["permutation"] = [
+            {
+                "what": p.what,
+                "tensors": p.tensors,
+                "units": p.units,
+                "corr_before": round(p.corr_before, 6),
+                "corr_after": round(p.corr_after, 6),
+            }
+            for p in found
+        ]
+        explained = sum(len(p.tensors) for p in found)
+        kinds = " and ".join(sorted({p.what for p in found}))
+        verdict["explanation"] += (
+            f" {explained} of its matrices had their {kinds} permuted ({len(found)} groups; an evasion that leaves "
+            f"the function unchanged); undone, they correlate with {name} at {min(p.corr_after for p in found):.4f} "
+            f"or more (before: {max(p.corr_before for p in found):.4f} at most)."
+        )
+        return verdict

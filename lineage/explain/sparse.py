@@ -1,0 +1,91 @@
+"""Sparsified merges, TIES and DARE, and how they are told apart.
+
+A sparsified merge keeps only part of each parent's delta from the base
+(TIES keeps the largest by magnitude, DARE a random part, rescaled), so the
+suspect coincides within rounding with the base wherever every delta was
+dropped, and with a parent where only its delta was kept: the blend fit
+marks it `sparse` (blendfit.py). Which deltas were dropped tells the two
+apart. The kernel measures, per parent, the energy of its delta over the
+elements where the suspect kept the base's value (`Stats.dropped`); per
+such element, against the parent's average delta energy per element:
+DARE drops at random, so about 1; TIES drops the smallest, far below 1
+(0.2 for a Gaussian delta at density 0.5). SPARSE_FAMILY holds the cuts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from lineage.explain.base import Explanation, document
+from lineage.explain.blendfit import blend_fit, blend_parents, intervals, is_blend
+from lineage.explain.evidence import Evidence
+from lineage.explain.thresholds import SPARSE_FAMILY
+
+HOW = {
+    "ties": "the deltas it dropped are the small ones (TIES trims by magnitude)",
+    "dare": "the deltas it dropped are of typical size (DARE drops at random and rescales the rest)",
+    "ties/dare": "whether the dropped deltas were the small ones (TIES) or random ones (DARE) is not clear",
+}
+
+
+def family(ev: Evidence, base: str, parents: list[str]) -> tuple[str, dict[str, float]]:
+    """TIES, DARE or undecided, and each parent's dropped-energy ratio, pooled over the
+    matrices whose stored statistics have `base` as their reference column."""
+    num: dict[str, float] = defaultdict(float)
+    den: dict[str, float] = defaultdict(float)
+    for r in ev.matrices:
+        if not r.order or r.order[0] != base:
+            continue
+        st = r.stats
+        if st is None or not st.near[0] or not st.dropped:
+            continue
+        for n in parents:
+            if n in st.order:
+                j = st.order.index(n)
+                num[n] += st.dropped[j] / st.near[0]
+                den[n] += float(st.gram[j, j]) / st.n
+    ratios = {n: num[n] / den[n] for n in parents if den.get(n)}
+    if len(ratios) < len(parents):
+        return "ties/dare", ratios
+    if max(ratios.values()) <= SPARSE_FAMILY["ties_max"]:
+        return "ties", ratios
+    if min(ratios.values()) >= SPARSE_FAMILY["dare_min"]:
+        return "dare", ratios
+    return "ties/dare", ratios
+
+
+class Sparse(Explanation):
+    name = "sparse"
+
+    def explain(self, ev: Evidence) -> dict | None:
+        if not is_blend(ev) or not blend_fit(ev).evidence["sparse"]:
+            return None
+        fit, parents = blend_fit(ev), blend_parents(ev)
+        e = fit.evidence
+        rest = [n for n in ev.related if n not in fit.material]
+        b = ev.declared if ev.declared in rest else (rest[0] if len(rest) == 1 else fit.base)
+        assert b is not None
+        desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
+        fam, ratios = family(ev, b, [p["name"] for p in parents])
+        ev.analyses["sparse"] = {"dropped_energy_ratio": ratios, "family": fam, "criteria": SPARSE_FAMILY}
+        energy = (
+            " (where it kept the base's value, the parents' deltas carry "
+            + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items())
+            + " of their average energy per element)"
+            if ratios
+            else f" (not measured: {b} is not the reference column of the stored statistics)"
+        )
+        return document(
+            ev,
+            "blend",
+            parents,
+            f"{ev.suspect} is a sparsified merge ({fam.upper()} family) of {', '.join(p['name'] for p in parents)} on base {b}: "
+            f"it coincides with each of them, within storage rounding, on "
+            + ", ".join(f"{n} {e['median_near_frac'][n]:.0%}" for n in [b, *[p["name"] for p in parents]])
+            + f" of elements, as dropped and kept deltas leave it; {HOW[fam]}{energy}. Its linear fit, {desc} (95% "
+            f"intervals {intervals(parents)}), leaves {e['median_gain']:.0%} of the best single parent's residual; the weights "
+            "agree across tensors but are the linear projection of the merge, not its recipe.",
+            method="unknown",
+            merge_family=fam,
+            base=b,
+        )

@@ -1,0 +1,38 @@
+"""Task arithmetic: a blend with one candidate at a clearly negative weight, its base.
+
+A task-arithmetic merge is s = b + sum_i l_i (p_i - b); seen as an affine
+blend, the base's own weight is 1 - sum_i l_i, negative when the task
+weights sum past 1. A candidate at most -MIN_WEIGHT with its interval
+below 0 is that base. (Weights summing to exactly 1 make the same merge a
+linear one, and it is reported as linear.)
+"""
+
+from __future__ import annotations
+
+from lineage.explain.base import Explanation, document
+from lineage.explain.blendfit import blend_fit, blend_parents, intervals, is_blend, tail
+from lineage.explain.evidence import Evidence
+from lineage.explain.thresholds import MIN_WEIGHT
+
+
+class TaskArithmetic(Explanation):
+    name = "task_arithmetic"
+
+    def explain(self, ev: Evidence) -> dict | None:
+        if not is_blend(ev):
+            return None
+        fit = blend_fit(ev)
+        negative = [n for n, w in fit.weights.items() if w["mean"] <= -MIN_WEIGHT and w["ci95"][1] < 0]
+        if len(negative) != 1:
+            return None
+        b, parents = negative[0], blend_parents(ev)
+        desc = f"{b} + " + " + ".join(f"{p['weight']:.3f} x ({p['name']} - {b})" for p in parents)
+        return document(
+            ev,
+            "blend",
+            parents,
+            f"{ev.suspect} is a task-arithmetic merge on base {b}: {desc} (95% intervals {intervals(parents)}; "
+            f"{b}'s own weight is {fit.weights[b]['mean']:.3f})." + tail(ev),
+            method="task_arithmetic",
+            base=b,
+        )

@@ -1,0 +1,72 @@
+"""Every threshold a verdict uses, defined once, each with its reason.
+
+The verdict words must mean the same thing whoever reads the code: these
+numbers are the definitions in README "What the verdicts mean".
+"""
+
+from __future__ import annotations
+
+#: z at which a matrix counts as significantly related to a candidate. z is in
+#: standard deviations of the permutation null (lineage/null.py); over 588
+#: matrices of unrelated trained pairs the largest |z| seen was 3.4.
+Z_SIG = 6.0
+#: A candidate is related when at least this fraction of the suspect's
+#: matrices reach Z_SIG: the verdict never rests on one matrix.
+RELATED_FRAC = 0.5
+#: Unrelated needs every candidate at most this fraction significant...
+UNRELATED_FRAC = 0.05
+#: ...and at least this fraction of the suspect's elements compared.
+MIN_COVERAGE = 0.5
+#: Identical needs this fraction of the suspect's float elements within rounding.
+IDENTICAL_COVERAGE = 0.9
+#: A blend must leave at most this fraction of the best single parent's
+#: residual (median over matrices): two fine-tunes of one base have correlated
+#: deltas, so their blend fits a little better than either, not 30% better.
+BLEND_GAIN = 0.7
+#: ...a sparsified merge (TIES/DARE), whose drop pattern is noise to a linear
+#: fit, at most this fraction.
+SPARSE_GAIN = 0.9
+#: A sparsified merge is recognised by the suspect coinciding, within storage
+#: rounding, with the base and each parent on at least this median fraction of
+#: elements (dropped and kept deltas leave exactly that).
+SPARSE_NEAR = 0.15
+#: A blend parent's weight must reach this, with a 95% interval above 0; a
+#: candidate this far below 0 with its interval below 0 is a task-arithmetic base.
+MIN_WEIGHT = 0.05
+#: A blend's weights must agree across tensors: weighted SD at most this.
+MAX_SPREAD = 0.15
+#: Dropped-delta energy ratio (explain/sparse.py): TIES trims the smallest
+#: deltas (0.31-0.33 for mergekit ties at density 0.5), DARE drops at random
+#: (0.93-0.94 for mergekit dare_ties and dare_linear).
+SPARSE_FAMILY = {"ties_max": 0.5, "dare_min": 0.75}
+#: A passthrough (layer stack) takes whole matrices from at least two
+#: candidates, each supplying at least this share of the elements.
+PASSTHROUGH_MIN_SHARE = 0.1
+#: Slerp is told from linear interpolation when the free coefficients' excess
+#: over 1 is what the angle predicts within this ratio...
+SLERP_RATIO = (0.5, 2.0)
+#: ...and the predicted excess is at least this many standard errors.
+SLERP_MIN_SE = 3.0
+
+NULL = (
+    "permutation null: the covariance of suspect and candidate when the candidate's rows and columns are shuffled "
+    "(an unrelated matrix with the same row and column structure), mean 0, sd in closed form from row and column "
+    "sums; z = covariance / sd (1/sqrt(n) of correlation without structure)"
+)
+
+# Refiners (layer maps, permutations): when to look, and what to accept.
+#: A matrix is "unmatched" (worth a permutation search) when its correlation
+#: with the parent is below this fraction of what the parent's matched
+#: matrices reach...
+UNMATCHED_CORR = 0.5
+#: ...measured as this quantile of the per-matrix correlations: a median would
+#: fall with many permuted matrices.
+TYPICAL_CORR_QUANTILE = 0.9
+#: Fraction of rows the layer map reads per pair of layers (sampled).
+LAYERMAP_SAMPLE = 0.05
+#: Matrix roles (the largest shared ones) compared per pair of layers.
+LAYERMAP_ROLES = 2
+#: Most matrices a permutation search reads whole...
+MAX_PERMUTATION_SEARCH = 512
+#: ...each of at most this many elements (read whole by one worker).
+MAX_PERMUTATION_ELEMENTS = 1 << 26
