@@ -14,6 +14,7 @@ started.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -236,6 +237,7 @@ def _run(s: Settings) -> list[dict]:
         f"model set {s.model_set.name}: {len(s.model_set.suspects)} suspect(s), {len(s.model_set.candidates)} candidate(s) -> {s.output_dir}"
     )
     plan = plan_audit(s.model_set)  # headers only: bad input fails before Ray starts
+    gc.freeze()  # the plan lives until the end: keep the collector from rescanning its millions of objects
     if plan.resume_from(s.output_dir, sample_fraction=s.sample_fraction, say=say):
         say(f"resuming: {len(plan.done)} of {len(plan.groups)} tensors already written in {s.output_dir}")
     for m in plan.suspects + plan.candidates:

@@ -34,7 +34,7 @@ from lineage.source import Model, natural_key
 CROPPABLE = ("embedding", "head")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Side:
     """One candidate's side of a group: a view, or why there is none."""
 
@@ -43,7 +43,7 @@ class Side:
     reason: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Group:
     """A suspect tensor and what it is compared with."""
 

@@ -20,11 +20,13 @@ results already written are never overwritten by another audit's.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +130,25 @@ def plan_audit(ms: ModelSet) -> AuditPlan:
     gets an `inconclusive` verdict carrying the error, so one broken upload
     does not block a bulk audit of the others.
     """
+    with gc_paused():
+        return _plan_audit(ms)
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Planning a model of a million tensors makes millions of small acyclic objects, which
+    Python's cyclic collector would rescan again and again (half the planning time at
+    200,000 tensors): it is paused meanwhile (reference counting still frees everything)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _plan_audit(ms: ModelSet) -> AuditPlan:
     t0 = time.perf_counter()
     candidates = [resolve(c.name, c.source) for c in ms.candidates]
     suspects, failed = [], {}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from lineage.dtypes import DTYPES, FP8
 from lineage.errors import LineageError
 from lineage.geometry import Segment, View, pieces
@@ -22,6 +24,29 @@ from lineage.reader import Reader
 
 if TYPE_CHECKING:  # imported when decoding runs; the BF16 kernel path never decodes
     import torch
+
+
+#: Stored dtypes numpy turns into float32 exactly, without torch (BF16 by its bits).
+NUMPY_FLOAT32 = frozenset({"F32", "F16", "BF16"})
+
+
+def as_float32(reader: Reader, view: View, a: int, b: int) -> np.ndarray | None:
+    """Rows [a, b) of `view` flattened to float32 with numpy, or None when a segment
+    needs torch (FP8 with its scales, F64). F16 and BF16 are subsets of float32, so
+    the values are the same torch would give; workers on this path never import torch."""
+    if not all(seg.dtype in NUMPY_FLOAT32 for seg in view.segments):
+        return None
+    out = []
+    for seg, r0, r1 in pieces(view, a, b):
+        row_bytes = seg.cols * DTYPES[seg.dtype].itemsize
+        raw = reader.pread(seg.path, seg.name, seg.start + r0 * row_bytes, (r1 - r0) * row_bytes, seg.stamp)
+        if seg.dtype == "F32":
+            out.append(np.frombuffer(raw, dtype="<f4"))
+        elif seg.dtype == "F16":
+            out.append(np.frombuffer(raw, dtype="<f2").astype(np.float32))
+        else:
+            out.append((np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32))
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
 
 def decoded(reader: Reader, view: View, a: int, b: int) -> torch.Tensor:

@@ -40,7 +40,7 @@ _KINDS = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stamp:
     """What a file looked like when it was planned: its size and modification time.
 

@@ -31,7 +31,7 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Scale:
     """An FP8 block-scale tensor: one F32/BF16 factor per FP8_BLOCK x FP8_BLOCK block."""
 
@@ -44,7 +44,7 @@ class Scale:
     stamp: Stamp | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Segment:
     """Rows [row0, row1) of one tensor on disk, seen as a matrix."""
 
@@ -68,7 +68,7 @@ class Segment:
         return self.rows * self.cols * DTYPES[self.dtype].itemsize
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class View:
     """Rows of one or more segments stacked: what one side of a comparison reads."""
 

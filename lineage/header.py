@@ -27,7 +27,7 @@ from lineage.files import Stamp, open_regular
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorEntry:
     """One tensor's place in one file: absolute byte offsets, dtype, shape."""
 

@@ -23,7 +23,7 @@ from typing import Any
 from lineage.align import Group
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Item:
     """Rows [row0, row1) of group `gid`, part `part` of `parts`."""
 
@@ -68,12 +68,17 @@ def plan_units(groups: list[Group | None], unit_bytes: int, min_units: int = 1, 
     return pack(items_of(groups, max_item_bytes or unit_bytes), unit_bytes, min_units)
 
 
+#: Most items in one unit: a unit's results travel back as one list, and a model
+#: of a million tiny tensors must not send them in one.
+MAX_UNIT_ITEMS = 4096
+
+
 def pack(items: list, unit_bytes: int, min_units: int = 1) -> list[Unit]:
     """Work items (anything with `nbytes`) into about total/unit_bytes units, heaviest first."""
     if not items:
         return []
     total = sum(i.nbytes for i in items)
-    n = max(min_units, math.ceil(total / max(unit_bytes, 1)))
+    n = max(min_units, math.ceil(total / max(unit_bytes, 1)), math.ceil(len(items) / MAX_UNIT_ITEMS))
     n = min(n, len(items))
     heap = [(0, u) for u in range(n)]
     bins: list[list[Item]] = [[] for _ in range(n)]

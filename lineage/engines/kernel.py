@@ -19,7 +19,7 @@ from functools import cache
 
 import numpy as np
 
-from lineage.decode import decoded
+from lineage.decode import as_float32, decoded
 from lineage.dtypes import view_tolerance
 from lineage.engines import count_nonfinite, nonfinite_np
 from lineage.reader import Reader
@@ -88,7 +88,10 @@ def accumulate(
             nb = (r1 - r0) * cols * 2
             bufs = [reader.scratch(2 * j + slot, nb) for j in range(len(views))]
             return [np.frombuffer(reader.read_raw(v, r0, r1, b), dtype=np.uint16) for v, b in zip(views, bufs)]
-        return [decoded(reader, v, r0, r1).reshape(-1).numpy() for v in views]
+        return [
+            x if (x := as_float32(reader, v, r0, r1)) is not None else decoded(reader, v, r0, r1).reshape(-1).numpy()
+            for v in views
+        ]
 
     def fit(xs: list[np.ndarray]) -> tuple | list[np.ndarray]:
         """Stats arrays and element count of one piece; its inputs instead if they hold non-finite values."""

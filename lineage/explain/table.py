@@ -26,21 +26,12 @@ from lineage.rows import SCHEMA
 from lineage.stats import Stats
 
 #: Rows converted at a time: bounds the Arrow memory of a huge model to one batch.
-BATCH_ROWS = 65536
+BATCH_ROWS = 16384
 SCALARS = ("tensor", "layer", "component", "ndim", "numel", "status", "reason", "bytes_read", "elements")
-CAND_FIELDS = (
-    "candidate",
-    "tensor",
-    "dtype",
-    "status",
-    "cosine",
-    "corr",
-    "rel_dist",
-    "exact_frac",
-    "near_frac",
-    "z",
-    "rounding_tol",
-)
+#: The fields of a `candidates` entry the explanations read (the others stay in the dataset).
+CAND_FIELDS = ("candidate", "dtype", "status", "corr", "rel_dist", "near_frac", "z", "rounding_tol")
+#: Text columns whose values repeat from row to row: one string object per distinct value.
+REPEATED = ("component", "status", "candidate", "dtype")
 
 
 @dataclass(slots=True)
@@ -48,13 +39,10 @@ class Cand:
     """One candidate's single-parent results for one suspect tensor (a `candidates` entry)."""
 
     candidate: str
-    tensor: str | None
     dtype: str | None
     status: str
-    cosine: float | None
     corr: float | None
     rel_dist: float | None
-    exact_frac: float | None
     near_frac: float | None
     z: float | None
     rounding_tol: float | None
@@ -154,15 +142,31 @@ def load_rows(out_dir: Path, suspect: str) -> list[Row]:
             rows.extend(_rows_of(batch, stacks))
     for st in stacks.values():
         st.seal()
+    pa.default_memory_pool().release_unused()  # the batches are gone: give their pages back
     return rows
 
 
+def _column(table_or_struct, name: str, strings: dict) -> list:
+    """A column as Python values; repeated text shares one object per distinct value."""
+    values = (
+        table_or_struct.field(name).to_pylist()
+        if isinstance(table_or_struct, pa.StructArray)
+        else table_or_struct.column(name).to_pylist()
+    )
+    if name in REPEATED:
+        values = [strings.setdefault(v, v) for v in values]
+    return values
+
+
 def _rows_of(batch: pa.Table, stacks: dict[tuple[str, ...], _Stack]) -> list[Row]:
-    scal = {c: batch.column(c).to_pylist() for c in SCALARS}
-    cands_col = batch.column("candidates")
-    offsets = cands_col.combine_chunks().offsets.to_numpy() if batch.num_rows else np.zeros(1, dtype=np.int64)
+    strings: dict = {}
+    scal = {c: _column(batch, c, strings) for c in SCALARS}
+    scal["reason"] = [r if st != "ok" else "" for r, st in zip(scal["reason"], scal["status"])]
+    cands_col = batch.column("candidates").combine_chunks()
+    offsets = cands_col.offsets.to_numpy() if batch.num_rows else np.zeros(1, dtype=np.int64)
+    offsets = offsets - offsets[0]
     flat = pc.list_flatten(cands_col)
-    fields = {f: flat.combine_chunks().field(f).to_pylist() if len(flat) else [] for f in CAND_FIELDS}
+    fields = {f: _column(flat, f, strings) if len(flat) else [] for f in CAND_FIELDS}
     cands = [Cand(*vals) for vals in zip(*(fields[f] for f in CAND_FIELDS))]
     out = [
         Row(

@@ -22,11 +22,12 @@ class Unrelated(Explanation):
         per, cov = ev.per, ev.coverage
         partial = [n for n in ev.reps if per[n].frac_significant > UNRELATED_FRAC]
         if partial or cov["elements_compared_frac"] < MIN_COVERAGE or not any(per[n].matrices for n in ev.reps):
-            why = (
-                f"{', '.join(partial)} correlate significantly on only part of the matrices"
-                if partial
-                else f"only {cov['elements_compared_frac']:.0%} of its elements could be compared"
-            )
+            if partial:
+                why = f"{', '.join(partial)} correlate significantly on only part of the matrices"
+            elif not any(per[n].matrices for n in ev.reps):
+                why = "none of its compared tensors is a matrix, and 1-D tensors (norms, biases) never decide"
+            else:
+                why = f"only {cov['elements_compared_frac']:.0%} of its elements could be compared"
             return document(ev, "inconclusive", [], f"Neither related nor clearly unrelated: {why}.")
         zmax = max((abs(per[n].median_z or 0.0) for n in ev.reps), default=0.0)
         return document(
