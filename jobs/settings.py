@@ -11,6 +11,7 @@ from lineage.demo import materialize
 from lineage.errors import LineageError
 from lineage.modelset import ModelSet
 from lineage.options import FitOptions
+from lineage.remote import RemoteOptions
 
 MB = 1 << 20
 
@@ -42,11 +43,14 @@ class Settings:
     flush_rows: int
     wait_for_lock: bool
     compute: Compute
+    remote: RemoteOptions
 
     @property
     def fit_options(self) -> FitOptions:
         """How each tensor is read and fitted (threads and device are set per worker)."""
-        return FitOptions(chunk_bytes=self.chunk_bytes, sample_fraction=self.sample_fraction, base=self.model_set.base)
+        return FitOptions(
+            chunk_bytes=self.chunk_bytes, sample_fraction=self.sample_fraction, base=self.model_set.base, remote=self.remote
+        )
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Settings:
@@ -54,7 +58,7 @@ class Settings:
         assert isinstance(d, dict)
         cache = d.get("demo_cache")
         ms = ModelSet.from_dict(materialize(d["model_set"], Path(cache).expanduser() if cache else None))
-        fit, plan, write, comp = d["fit"], d["plan"], d["write"], d["compute"]
+        fit, plan, write, comp, hub = d["fit"], d["plan"], d["write"], d["compute"], d.get("hub") or {}
         for key, val in (
             ("fit.chunk_mb", fit["chunk_mb"]),
             ("plan.unit_mb", plan["unit_mb"]),
@@ -73,6 +77,11 @@ class Settings:
             max_item_bytes=int(plan["max_item_mb"] * MB),
             flush_rows=int(write["flush_rows"]),
             wait_for_lock=bool(write.get("wait_for_lock", False)),
+            remote=RemoteOptions(
+                concurrency=max(1, int(hub.get("concurrency", 4))),
+                retries=max(0, int(hub.get("retries", 6))),
+                cache_dir=str(Path(hub["cache_dir"]).expanduser()) if hub.get("cache_dir") else None,
+            ),
             compute=Compute(
                 address=comp.get("address"),
                 num_cpus=comp.get("num_cpus"),

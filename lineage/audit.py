@@ -79,12 +79,16 @@ class AuditPlan:
         ms = self.model_set
         h.update(json.dumps([ms.name, [(m.name, m.base) for m in ms.suspects + ms.candidates], sorted(self.failed)]).encode())
         for m in self.suspects + self.candidates:
-            h.update(m.name.encode())
+            h.update(f"{m.name}|{m.commit}".encode())
             for name in sorted(m.tensors):
                 t = m.tensors[name]
-                stamp = (t.stamp.size, t.stamp.mtime_ns) if t.stamp else None
+                stamp = (t.stamp.size, t.stamp.mtime_ns, t.stamp.etag) if t.stamp else None
                 h.update(f"{name}|{Path(t.path).name}|{t.dtype}|{t.shape}|{t.start}|{t.end}|{stamp}".encode())
         return h.hexdigest()
+
+    def sources(self) -> dict[str, dict]:
+        """Each model's source as resolved: for the hub, its commit and every file's size and sha256."""
+        return {m.name: m.record() for m in self.suspects + self.candidates}
 
     def resume_from(self, out_dir: Path, sample_fraction: float = 1.0, say=None) -> int:
         """Mark the tensors already written under `out_dir` as done; return how many.
@@ -103,6 +107,13 @@ class AuditPlan:
             except (LineageError, ValueError, RecursionError) as e:
                 raise LineageError(f"{path}: unreadable ({e}); move it away to start over") from None
             if prev.get("fingerprint") != fp:
+                for m in self.suspects + self.candidates:
+                    was = (prev.get("sources") or {}).get(m.name, {}).get("commit")
+                    if was and m.commit and was != m.commit:
+                        raise LineageError(
+                            f"{out_dir}: {m.source} has moved from commit {was} to {m.commit} since this output_dir was "
+                            f"written; resume it with the commit pinned ({m.source.split('@')[0]}@{was}) or audit into a new output_dir"
+                        )
                 raise LineageError(
                     f"{out_dir}: holds the results of a different audit (model set {prev.get('model_set')!r} or its files changed); "
                     "choose another output_dir or delete this one"
@@ -111,7 +122,13 @@ class AuditPlan:
             stale = Path(out_dir) / "tensors"
             if stale.exists() and any(stale.rglob("*.parquet")):
                 raise LineageError(f"{out_dir}: has tensors/ but no {MANIFEST}; choose another output_dir or delete it")
-            doc = {"fingerprint": fp, "model_set": self.model_set.name, "lineage": __version__, "created": time.time()}
+            doc = {
+                "fingerprint": fp,
+                "model_set": self.model_set.name,
+                "lineage": __version__,
+                "created": time.time(),
+                "sources": self.sources(),
+            }
             atomic_write_bytes(path, json.dumps(doc, indent=2).encode())
         index = {(g.suspect, g.tensor): gid for gid, g in enumerate(self.groups)}
         for s in self.suspects:
@@ -230,7 +247,9 @@ def decide_all(plan: AuditPlan, out_dir: Path, run_units: RunUnits, unit_bytes: 
     decided = {}
     for s in plan.suspects:
         ev = Evidence.load(out_dir, s.name, cands, plan.unmatched.get(s.name), models | {s.name: s})
-        decided[s.name] = decide_with(ev, lambda items: run_items(items, run_units, unit_bytes))
+        v = decide_with(ev, lambda items: run_items(items, run_units, unit_bytes))
+        v["sources"] = {m.name: m.record() for m in [s, *plan.candidates]}
+        decided[s.name] = v
     decided |= {name: unreadable(name, err) for name, err in plan.failed.items()}
     verdicts = [decided[m.name] for m in plan.model_set.suspects]
     write_verdicts(out_dir, verdicts)

@@ -46,10 +46,13 @@ class Stamp:
 
     A worker compares the file it opens with the stamp and refuses one that
     changed (replaced by a longer file, rewritten in place), since the
-    planned offsets would then point at other bytes."""
+    planned offsets would then point at other bytes. A remote file is
+    stamped with its size and ETag instead (remote/http.py checks them)."""
 
     size: int
-    mtime_ns: int
+    mtime_ns: int = 0
+    #: For a remote file: its ETag (the LFS sha256 on the hub), checked on every response.
+    etag: str | None = None
 
 
 def kind(mode: int) -> str:

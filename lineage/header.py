@@ -72,6 +72,12 @@ def header_length(head: bytes, path: str, file_size: int, max_header_bytes: int 
 
 def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTES) -> Header:
     """Read and validate the header of one safetensors file (a regular file: see files.py)."""
+    raw, st = read_header_bytes(path, max_header_bytes)
+    return parse_header_bytes(raw, str(path), st.st_size, Stamp(st.st_size, st.st_mtime_ns))
+
+
+def read_header_bytes(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTES) -> tuple[bytes, os.stat_result]:
+    """The header JSON bytes of a local file and the file's stat, the length checked first."""
     p = str(path)
     fd, st = open_regular(p, "safetensors file")
     try:
@@ -86,7 +92,7 @@ def read_header(path: str | os.PathLike, max_header_bytes: int = MAX_HEADER_BYTE
         raise LineageError(f"{p}: cannot read: {e.strerror or e}") from None
     finally:
         os.close(fd)
-    return parse_header_bytes(raw, p, st.st_size, Stamp(st.st_size, st.st_mtime_ns))
+    return raw, st
 
 
 def parse_header_bytes(raw: bytes, path: str, file_size: int, stamp: Stamp | None = None) -> Header:

@@ -15,19 +15,40 @@ from pathlib import Path
 
 from lineage.errors import LineageError
 from lineage.files import MAX_CONFIG_BYTES, read_small
+from lineage.remote import is_remote
+from lineage.source import Model
+
+
+def read_hub_config(root: str, size: int | None) -> bytes | None:
+    from lineage.remote.hub import read_config as hub_config
+
+    return hub_config(root, size)
+
 
 #: Sane upper bounds: far above any published model, far below what breaks arithmetic.
 MAX_HIDDEN = 1 << 20
 MAX_HEADS = 1 << 16
 
 
-def read_config(root: str | Path) -> tuple[dict | None, str | None]:
-    """(config.json as a dict, None), (None, why it is unusable), or (None, None) when absent."""
-    path = Path(root) / "config.json"
-    if not path.exists() and not path.is_symlink():
-        return None, None
+def read_config(model: Model | str | Path) -> tuple[dict | None, str | None]:
+    """(config.json as a dict, None), (None, why it is unusable), or (None, None) when absent.
+
+    `model` is a resolved Model (local, or on the hub: its config.json is
+    fetched, capped) or a local folder."""
+    root = model.root if isinstance(model, Model) else str(model)
+    path: Path | str = Path(root) / "config.json"
     try:
-        doc = json.loads(read_small(path, MAX_CONFIG_BYTES, "config.json").decode("utf-8"))
+        if is_remote(root):
+            path = root + "/config.json"
+            size = model.files.get("config.json", {}).get("size") if isinstance(model, Model) else None
+            raw = read_hub_config(root, size)
+            if raw is None:
+                return None, None
+        else:
+            if not Path(path).exists() and not Path(path).is_symlink():
+                return None, None
+            raw = read_small(path, MAX_CONFIG_BYTES, "config.json")
+        doc = json.loads(raw.decode("utf-8"))
     except LineageError as e:
         return None, str(e)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -49,14 +70,15 @@ def positive_int(doc: dict, field: str, upper: int, where: str) -> tuple[int | N
     return int(v), None
 
 
-def head_dim(root: str | Path) -> tuple[int | None, str | None]:
+def head_dim(model: Model | str | Path) -> tuple[int | None, str | None]:
     """Rows per attention head: `head_dim` when the config states it (Qwen3 does, and it
     differs from hidden/heads), else hidden_size / num_attention_heads. (None, warning)
     when the config is absent (no warning) or its fields are not usable."""
-    doc, why = read_config(root)
+    doc, why = read_config(model)
     if doc is None:
         return None, why
-    where = str(Path(root) / "config.json")
+    root = model.root if isinstance(model, Model) else str(model)
+    where = f"{root}/config.json"
     if "head_dim" in doc and doc["head_dim"] is not None:
         return positive_int(doc, "head_dim", MAX_HIDDEN, where)
     if "hidden_size" not in doc or "num_attention_heads" not in doc:

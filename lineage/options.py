@@ -6,7 +6,9 @@ the same object travels: no loose positional parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+
+from lineage.remote import RemoteOptions
 
 MB = 1 << 20
 
@@ -30,6 +32,8 @@ class FitOptions:
     #: statistics that are kept relative to the first (dropped-delta energy)
     #: are relative to it.
     base: str | None = None
+    #: How remote (hub) bytes are fetched: concurrency, retries, the fetch cache.
+    remote: RemoteOptions = field(default_factory=RemoteOptions)
 
     def with_(self, **kw: object) -> FitOptions:
         return replace(self, **kw)  # type: ignore[arg-type]

@@ -21,6 +21,8 @@ from lineage.dtypes import DTYPES
 from lineage.errors import LineageError
 from lineage.files import Stamp, open_fd
 from lineage.geometry import Segment, View, locate, pieces
+from lineage.remote import RangeFile, RemoteOptions, is_remote, open_remote
+from lineage.remote.coalesce import Coalescer
 
 HUGE = 2 << 20  # bytes of the largest page the kernel maps a file with (x86-64, arm64 4K)
 
@@ -35,7 +37,7 @@ class Reader:
     retried: it is truncated, and waiting will not fix it.
     """
 
-    def __init__(self, max_open: int = 64, retries: int = 3, backoff_s: float = 0.2) -> None:
+    def __init__(self, max_open: int = 64, retries: int = 3, backoff_s: float = 0.2, remote: RemoteOptions | None = None) -> None:
         self._fds: dict[str, int] = {}
         self._max_open = max_open
         self.retries = retries
@@ -46,6 +48,42 @@ class Reader:
         self._scratch: dict[tuple[int, int], bytearray] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.RLock()
+        self.remote = remote or RemoteOptions()
+        self._remote: dict[str, RangeFile | str] = {}  # URL -> its fetcher, or this node's cached copy
+        self._coalesce = Coalescer()
+
+    @property
+    def bytes_fetched(self) -> int:
+        """Bytes that came over the network (coalesced gaps included)."""
+        return sum(getattr(rf, "fetched", 0) for rf in self._remote.values() if not isinstance(rf, str))
+
+    def expect(self, ranges: dict[str, list[tuple[int, int]]]) -> None:
+        """The byte ranges of remote files this reader is about to read (coalesce.py)."""
+        self._coalesce.plan(ranges)
+
+    def local(self, path: str, stamp: Stamp | None) -> str | None:
+        """Where `path` can be read on this machine: itself, or for a hub URL this node's
+        Hugging Face cache copy at the same commit; None when it must be fetched."""
+        if not is_remote(path):
+            return path
+        with self._lock:
+            got = self._remote.get(path)
+            if got is None:
+                from lineage.remote.hub import cached_file, parse_url
+
+                parts = parse_url(path)  # (repo_id, commit, filename)
+                copy = cached_file(parts[0], parts[2], parts[1], stamp.size if stamp else None) if parts else None
+                got = (
+                    copy
+                    if copy is not None
+                    else open_remote(path, stamp.size if stamp else 0, stamp.etag if stamp else None, self.remote)
+                )
+                self._remote[path] = got
+            return got if isinstance(got, str) else None
+
+    def mappable(self, view: View) -> bool:
+        """Every segment of `view` is a file on this machine (so it can be memory-mapped)."""
+        return all(self.local(seg.path, seg.stamp) is not None for seg in view.segments)
 
     def __enter__(self) -> Reader:
         return self
@@ -111,6 +149,14 @@ class Reader:
 
     def _pread(self, path: str, name: str, offset: int, view: memoryview, stamp: Stamp | None) -> None:
         nbytes = len(view)
+        local = self.local(path, stamp)
+        if local is None:  # fetched: remote/http.py retries and verifies every response
+            self._coalesce.read(self._remote[path], offset, view)  # type: ignore[arg-type]
+            with self._lock:
+                self.bytes_read += nbytes
+            return
+        if local != path:  # this node's cache copy of a hub file: same bytes, its own stat
+            path, stamp = local, None
         fd = self._fd(path, name, stamp)
         got = 0
         while got < nbytes:
@@ -170,7 +216,10 @@ class Reader:
         with self._lock:
             mm = self._maps.get(seg.path)
             if mm is None:  # the whole file, as long as it is now
-                mm = self._maps[seg.path] = mmap.mmap(self._fd(seg.path, seg.name, seg.stamp), 0, access=mmap.ACCESS_READ)
+                local = self.local(seg.path, seg.stamp)
+                assert local is not None, "map only what mappable() allows"
+                fd = self._fd(local, seg.name, seg.stamp if local == seg.path else None)
+                mm = self._maps[seg.path] = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
             if len(mm) < end:
                 raise LineageError(f"{seg.path} [{seg.name}]: file ends before byte {end}; truncated?")
             return mm

@@ -41,6 +41,18 @@ class Model:
     root: str
     tensors: dict[str, TensorEntry]
     warnings: list[str] = field(default_factory=list)
+    #: For a hub source: the commit its revision resolved to, and each file's size and sha256/ETag.
+    commit: str | None = None
+    files: dict[str, dict] = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What `sources` in the verdict and audit.json say about this model."""
+        d: dict = {"source": self.source}
+        if self.commit:
+            d["commit"] = self.commit
+        if self.files:
+            d["files"] = self.files
+        return d
 
     @property
     def nbytes(self) -> int:
@@ -56,12 +68,12 @@ def resolve(name: str, source: str) -> Model:
     """Resolve `source` (see module docstring) into a `Model` named `name`."""
     trusted = None
     if source.startswith(HF_SCHEME):
-        root = Path(download_hf(source))
-        # huggingface_hub stores files once in the repo's blobs/ and links
-        # them from snapshots/REV/: links may go up to the repo's cache folder.
-        trusted = root.parent.parent
-    else:
-        root = Path(os.path.expanduser(source))
+        from lineage.remote.hub import resolve_hub
+
+        return resolve_hub(name, source)
+    root = Path(os.path.expanduser(source))
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        trusted = root.parent.parent  # a Hugging Face cache snapshot: its files link to ../../blobs
     if root.is_file():
         if not root.name.endswith(".safetensors"):
             _refuse_or_unknown(root, [root])
@@ -75,32 +87,37 @@ def resolve(name: str, source: str) -> Model:
     return _from_folder(name, source, root, trusted)
 
 
-def download_hf(source: str) -> str:
-    """Local snapshot folder of `hf://ORG/NAME[@REV]`, cache first.
-
-    The Hugging Face cache is tried before the network so that an audit of
-    a model that is already on disk works offline and never re-checks the
-    hub; only `*.safetensors` and `*.json` are fetched.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
+def parse_hf(source: str) -> tuple[str, str | None]:
+    """(repo_id, revision or None) of `hf://ORG/NAME[@REV]`."""
     spec = source[len(HF_SCHEME) :]
     repo_id, _, revision = spec.partition("@")
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")) or not spec.isprintable():
         raise LineageError(f"{source}: expected hf://ORG/NAME[@REVISION]")
-    kw = dict(repo_id=repo_id, revision=revision or None, allow_patterns=["*.safetensors", "*.json"])
+    return repo_id, revision or None
+
+
+def cached_snapshot(name: str, source: str) -> Model:
+    """`hf://` resolved from the local Hugging Face cache alone (offline, or the hub unreachable).
+
+    huggingface_hub stores files once in the repo's blobs/ and links them
+    from snapshots/REV/: links may go up to the repo's cache folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    repo_id, revision = parse_hf(source)
     try:
-        return snapshot_download(local_files_only=True, **kw)
+        root = Path(
+            snapshot_download(
+                repo_id=repo_id, revision=revision, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]
+            )
+        )
     except LocalEntryNotFoundError:
-        pass
+        raise LineageError(f"{source}: not in the local Hugging Face cache, and the hub cannot be reached") from None
     except (OSError, ValueError) as e:  # a broken cache entry
         raise LineageError(f"{source}: unreadable Hugging Face cache entry: {e}") from None
-    try:
-        return snapshot_download(**kw)
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LineageError(f"{source}: not in the local Hugging Face cache and not downloadable ({first})") from None
+    m = _from_folder(name, source, root, root.parent.parent)
+    m.commit = root.name
+    return m
 
 
 def _from_folder(name: str, source: str, root: Path, trusted: Path | None = None) -> Model:
@@ -150,34 +167,13 @@ def read_index(index_path: Path, root: Path, warnings: list[str] | None = None, 
     a warning appended to `warnings`.
     """
 
-    def pairs(kv: list[tuple[str, object]]) -> dict:
-        out: dict = {}
-        for k, v in kv:
-            if k in out and warnings is not None and isinstance(v, str):
-                warnings.append(f"{index_path} [{k}]: listed in {out[k]} and {v}; using {v}")
-            out[k] = v
-        return out
-
-    raw = read_small(index_path, MAX_INDEX_BYTES, "index")
-    try:
-        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LineageError(f"{index_path}: unreadable index ({e})") from None
-    except RecursionError:
-        raise LineageError(f"{index_path}: unreadable index (JSON nested too deeply)") from None
-    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise LineageError(f"{index_path}: no 'weight_map' object")
+    weight_map = parse_index(read_small(index_path, MAX_INDEX_BYTES, "index"), str(index_path), warnings)
     real_root = os.path.realpath(root)
     allowed = os.path.realpath(trusted) if trusted is not None else real_root
     checked: dict[str, str] = {}
     for key, shard in weight_map.items():
-        if not isinstance(shard, str) or not shard:
-            raise LineageError(f"{index_path} [{key}]: shard {shard!r} is not a file name")
         if shard in checked:
             continue
-        if os.path.isabs(shard) or ".." in Path(shard).parts:
-            raise LineageError(f"{index_path} [{key}]: shard path {shard!r} leaves the model folder")
         real = os.path.realpath(os.path.join(real_root, shard))
         if os.path.commonpath([real, allowed]) != allowed:
             raise LineageError(f"{index_path} [{key}]: shard {shard!r} links outside the model folder")
@@ -190,17 +186,52 @@ def read_index(index_path: Path, root: Path, warnings: list[str] | None = None, 
     return {k: str(v) for k, v in weight_map.items()}
 
 
+def parse_index(raw: bytes, label: str, warnings: list[str] | None = None) -> dict[str, str]:
+    """The weight map of an index's bytes: JSON, a non-empty object of tensor -> shard name,
+    shard names relative and free of `..`. Where the shards are is the caller's to check."""
+
+    def pairs(kv: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for k, v in kv:
+            if k in out and warnings is not None and isinstance(v, str):
+                warnings.append(f"{label} [{k}]: listed in {out[k]} and {v}; using {v}")
+            out[k] = v
+        return out
+
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=pairs)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LineageError(f"{label}: unreadable index ({e})") from None
+    except RecursionError:
+        raise LineageError(f"{label}: unreadable index (JSON nested too deeply)") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise LineageError(f"{label}: no 'weight_map' object")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise LineageError(f"{label} [{key}]: shard {shard!r} is not a file name")
+        if os.path.isabs(shard) or ".." in Path(shard).parts or not shard.isprintable():
+            raise LineageError(f"{label} [{key}]: shard path {shard!r} leaves the model folder")
+    return weight_map
+
+
 def _model(name: str, source: str, root: str, files: list[str], weight_map: dict[str, str] | None) -> Model:
+    return assemble(name, source, root, {f: (os.path.relpath(f, root), read_header(f)) for f in files}, weight_map)
+
+
+def assemble(name: str, source: str, root: str, headers: dict, weight_map: dict[str, str] | None) -> Model:
+    """A Model from its shards' headers ({file: (shard name, Header)}) and its index, if any:
+    a key the index does not list is not part of the model; a key also stored in another
+    shard is taken from the one the index names, with a warning."""
     tensors: dict[str, TensorEntry] = {}
     warnings: list[str] = []
-    headers = {f: read_header(f) for f in files}
-    for f, header in headers.items():
+    for f, (shard, header) in headers.items():
         for key, entry in header.tensors.items():
             if weight_map is not None:
                 listed = weight_map.get(key)
                 if listed is None:
                     continue  # not in the index: not part of the model
-                if os.path.join(root, listed) != f:
+                if os.path.normpath(listed) != os.path.normpath(shard):
                     warnings.append(f"{f} [{key}]: also stored here; using {listed} as the index says")
                     continue
             elif key in tensors:
@@ -211,5 +242,5 @@ def _model(name: str, source: str, root: str, files: list[str], weight_map: dict
     if weight_map is not None:
         for key, shard in weight_map.items():
             if key not in tensors:
-                raise LineageError(f"{os.path.join(root, shard)} [{key}]: listed in the index but not in the shard")
+                raise LineageError(f"{root}/{shard} [{key}]: listed in the index but not in the shard")
     return Model(name, source, root, tensors, warnings)

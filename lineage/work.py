@@ -10,13 +10,18 @@ an error string for that tensor, and the rest of the unit carries on.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
+from lineage.dtypes import DTYPES
 from lineage.engines import accumulate
 from lineage.errors import LineageError, where
+from lineage.geometry import pieces
 from lineage.options import FitOptions
 from lineage.plan import Item, Unit
 from lineage.reader import Reader
+from lineage.remote import is_remote
+from lineage.sampling import block_rows, sample_ranges
 from lineage.stats import Stats
 
 #: Largest magnitude a statistic may reach. Sums of squares of real weights
@@ -37,8 +42,34 @@ class ItemResult:
 
 def run_unit(unit: Unit, opts: FitOptions) -> list:
     """Every item of `unit`, in order: an ItemResult per fit item, whatever other items return."""
-    with Reader() as reader:
+    with Reader(remote=opts.remote) as reader:
+        reader.expect(remote_ranges(unit, opts))
         return [run_item(it, reader, opts) if isinstance(it, Item) else it.run(reader, opts) for it in unit.items]
+
+
+def remote_ranges(unit: Unit, opts: FitOptions) -> dict[str, list[tuple[int, int]]]:
+    """Per remote file, the byte ranges `unit` will read: its rows (sampled as the engine
+    samples them) of every side, and the FP8 block scales beside them."""
+    out: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for it in unit.items:
+        if isinstance(it, Item) and it.group.view is not None:
+            g = it.group
+            frac = opts.sample_fraction if it.sample_fraction is None else it.sample_fraction
+            rows = sample_ranges(it.row0, it.row1, block_rows(g.view.cols), frac, g.tensor)
+            views = [g.view] + [s.view for s in g.paired]
+        else:
+            views = [v for _, sv, pv, _ in getattr(it, "mats", ()) for v in (sv, pv)]
+            rows = None
+        for v in views:
+            for a, b in rows or [(0, v.rows)]:
+                for seg, r0, r1 in pieces(v, a, b):
+                    if is_remote(seg.path):
+                        rb = seg.cols * DTYPES[seg.dtype].itemsize
+                        out[seg.path].append((seg.start + r0 * rb, seg.start + r1 * rb))
+                    sc = seg.scale
+                    if sc is not None and is_remote(sc.path):
+                        out[sc.path].append((sc.start, sc.start + sc.rows * sc.cols * DTYPES[sc.dtype].itemsize))
+    return dict(out)
 
 
 def run_item(it: Item, reader: Reader, opts: FitOptions) -> ItemResult:

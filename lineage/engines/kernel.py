@@ -145,7 +145,7 @@ def accumulate(
         return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
 
     results: list = []
-    mapped = raw and mmap_ok and all(len(v.segments) == 1 for v in views)
+    mapped = raw and mmap_ok and all(len(v.segments) == 1 and reader.mappable(v) for v in views)
     if mapped:  # no copy and no read thread: the kernel threads touch the pages themselves
         results = fit_mapped()
     elif threads > 1 and len(work) > 1:

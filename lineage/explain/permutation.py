@@ -85,9 +85,9 @@ class Permutations:
             k = classify(t)
             if k is not None:
                 groups.setdefault((k[0], k[1]), {})[t] = k[2]
-        hd, why = head_dim(suspect.root)
+        hd, why = head_dim(suspect)
         if hd is None:
-            hd, why2 = head_dim(parent.root)
+            hd, why2 = head_dim(parent)
             why = why or why2
         if hd is None and why and any(w != "mlp units" for _, w in groups):
             ev.warnings.append(f"attention heads not searched for permutations: {why}")

@@ -1,0 +1,59 @@
+"""Byte ranges of files that are not on this machine.
+
+A remote file is named by its URL (a Hugging Face `resolve` URL at a commit
+hash, so the bytes behind it never change). What reads it is one small
+interface, `RangeFile`: `fetch(offset, out)` fills `out` with exactly the
+bytes at `offset` or raises. `http.HttpRangeFile` implements it for HTTP(S)
+(the hub and anything that serves ranges); an object store (s3://, gs://)
+is one more implementation registered in `open_remote`.
+
+Who fetches what: the driver fetches only headers, indexes and config.json
+(remote/hub.py); each worker fetches the byte ranges of its own units
+(reader.Reader sends remote reads here), coalescing neighbouring small
+ranges, with bounded concurrency and retries, and never holds more than a
+few spans of a file at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+REMOTE_SCHEMES = ("http://", "https://")
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    """How a worker fetches remote bytes (the `hub.*` settings)."""
+
+    #: Range requests in flight at once per worker (a large read is split into pieces).
+    concurrency: int = 4
+    #: Attempts per request after the first, with backoff, on 429, 5xx, dropped
+    #: connections and short bodies.
+    retries: int = 6
+    #: Seconds before the first retry; doubled each time, at most 8 s.
+    backoff_s: float = 0.25
+    #: A folder where workers keep the byte ranges they fetched (None: off), so a
+    #: rerun or a resume fetches nothing twice.
+    cache_dir: str | None = None
+
+
+class RangeFile(Protocol):
+    url: str
+
+    def fetch(self, offset: int, out: memoryview) -> None:
+        """Fill `out` with the file's bytes [offset, offset + len(out)), or raise LineageError."""
+        ...
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def open_remote(url: str, size: int, etag: str | None, opts: RemoteOptions) -> RangeFile:
+    """The RangeFile for `url` (an expected size and ETag, checked on every response)."""
+    from lineage.remote.http import HttpRangeFile
+
+    if url.startswith(("http://", "https://")):
+        return HttpRangeFile(url, size, etag, opts)
+    raise ValueError(f"{url}: no reader for this scheme (known: {', '.join(REMOTE_SCHEMES)})")
