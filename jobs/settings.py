@@ -12,6 +12,7 @@ from lineage.errors import LineageError
 from lineage.modelset import ModelSet
 from lineage.options import FitOptions
 from lineage.remote import RemoteOptions
+from lineage.screening import Screening
 
 MB = 1 << 20
 
@@ -44,6 +45,7 @@ class Settings:
     wait_for_lock: bool
     compute: Compute
     remote: RemoteOptions
+    screening: Screening
 
     @property
     def fit_options(self) -> FitOptions:
@@ -59,6 +61,9 @@ class Settings:
         cache = d.get("demo_cache")
         ms = ModelSet.from_dict(materialize(d["model_set"], Path(cache).expanduser() if cache else None))
         fit, plan, write, comp, hub = d["fit"], d["plan"], d["write"], d["compute"], d.get("hub") or {}
+        bulk = d.get("bulk") or {}
+        if not isinstance(bulk.get("screen_fraction", 0.02), (int, float)) or not 0 < bulk.get("screen_fraction", 0.02) <= 1:
+            raise LineageError(f"config: bulk.screen_fraction must be in (0, 1], got {bulk.get('screen_fraction')!r}")
         for key, val in (
             ("fit.chunk_mb", fit["chunk_mb"]),
             ("plan.unit_mb", plan["unit_mb"]),
@@ -77,6 +82,7 @@ class Settings:
             max_item_bytes=int(plan["max_item_mb"] * MB),
             flush_rows=int(write["flush_rows"]),
             wait_for_lock=bool(write.get("wait_for_lock", False)),
+            screening=Screening(int(bulk.get("screen_above", 4)), float(bulk.get("screen_fraction", 0.02))),
             remote=RemoteOptions(
                 concurrency=max(1, int(hub.get("concurrency", 4))),
                 retries=max(0, int(hub.get("retries", 6))),

@@ -41,7 +41,9 @@ from lineage.options import FitOptions
 from lineage.outdir import lock, prepare
 from lineage.output import TensorWriter, atomic_write_bytes, check_parts, write_verdicts
 from lineage.plan import Unit, pack, plan_units
+from lineage.relations import RelationResult, Relations
 from lineage.rows import ROWS_VERSION, tensor_row
+from lineage.screening import Screening, screen
 from lineage.source import Model, resolve
 from lineage.work import ItemResult, run_unit
 
@@ -60,6 +62,16 @@ class AuditPlan:
     seconds: float = 0.0
     done: set[int] = field(default_factory=set)  # gids whose rows an earlier run wrote
     failed: dict[str, str] = field(default_factory=dict)  # suspect -> why it could not be opened
+    screened: dict[str, dict] = field(default_factory=dict)  # suspect -> pool screening outcome (screening.py)
+
+    def realign(self, kept: dict[str, list[str]]) -> None:
+        """Align each suspect with only the candidates it keeps (after pool screening)."""
+        by_name = {c.name: c for c in self.candidates}
+        self.groups, self.unmatched = [], {}
+        for s in self.suspects:
+            gs, um = align(s, [by_name[n] for n in kept.get(s.name, list(by_name))])
+            self.groups.extend(gs)
+            self.unmatched[s.name] = {k: len(v) for k, v in um.items()}
 
     @property
     def nbytes(self) -> int:
@@ -78,6 +90,7 @@ class AuditPlan:
         h = hashlib.sha256(f"sample={sample_fraction!r}|rows={ROWS_VERSION}".encode())
         ms = self.model_set
         h.update(json.dumps([ms.name, [(m.name, m.base) for m in ms.suspects + ms.candidates], sorted(self.failed)]).encode())
+        h.update(json.dumps(sorted((k, v["kept"]) for k, v in self.screened.items())).encode())
         for m in self.suspects + self.candidates:
             h.update(f"{m.name}|{m.commit}".encode())
             for name in sorted(m.tensors):
@@ -192,6 +205,8 @@ class Reducer:
     out_dir: Path
     flush_rows: int = 2000
     writer: TensorWriter = field(init=False)
+    relations: Relations = field(default_factory=Relations, init=False)
+    bytes_read: int = field(default=0, init=False)  # by the workers, each byte once (work.ItemResult.read)
     _parts: dict[int, list[ItemResult]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -201,8 +216,14 @@ class Reducer:
             if g.status != "ok" and gid not in self.plan.done:
                 self.writer.add(g.suspect, tensor_row(g, None, base=base))
 
-    def add(self, results: list[ItemResult], unit: int = -1) -> None:
+    def add(self, results: list, unit: int = -1) -> None:
         for r in results:
+            if isinstance(r, RelationResult):
+                self.relations.add(r)
+                if len(self.relations.pending) >= self.flush_rows * 16:
+                    self.relations.flush(self.out_dir)
+                continue
+            self.bytes_read += r.read
             parts = self._parts.setdefault(r.gid, [])
             parts.append(r)
             if len(parts) == r.parts:
@@ -219,9 +240,14 @@ class Reducer:
                 stats.merge(p.stats)  # type: ignore[union-attr, arg-type]
         self.writer.add(g.suspect, tensor_row(g, stats, errors[0] if errors else None, self.plan.model_set.base, unit))
 
+    def flush(self) -> None:
+        """Every complete row and relation to disk (also when interrupted)."""
+        self.writer.close()
+        self.relations.flush(self.out_dir)
+
     def finish(self) -> None:
         """Flush the rows; every planned tensor must have been reduced."""
-        self.writer.close()
+        self.flush()
         if self._parts:
             missing = sorted(self.plan.groups[g].tensor for g in self._parts)
             raise RuntimeError(f"incomplete tensors after all units: {missing[:5]}")
@@ -244,10 +270,16 @@ def decide_all(plan: AuditPlan, out_dir: Path, run_units: RunUnits, unit_bytes: 
     """Every suspect's verdict from its rows (the refiners' work run by `run_units`); written, returned."""
     cands = [Candidate(c.name, c.base) for c in plan.model_set.candidates]
     models = {m.name: m for m in plan.candidates}
+    relations = Relations.load(out_dir)
     decided = {}
     for s in plan.suspects:
         ev = Evidence.load(out_dir, s.name, cands, plan.unmatched.get(s.name), models | {s.name: s})
         v = decide_with(ev, lambda items: run_items(items, run_units, unit_bytes))
+        if s.name in plan.screened:
+            o = plan.screened[s.name]
+            v["screened_out"] = [{"name": n, **o["candidates"].get(n, {})} for n in o["dropped"]]
+        if rel := relations.of(s.name):
+            v["relations"] = rel
         v["sources"] = {m.name: m.record() for m in [s, *plan.candidates]}
         decided[s.name] = v
     decided |= {name: unreadable(name, err) for name, err in plan.failed.items()}
@@ -256,23 +288,41 @@ def decide_all(plan: AuditPlan, out_dir: Path, run_units: RunUnits, unit_bytes: 
     return verdicts
 
 
+def log_run(out_dir: Path, **figures: object) -> None:
+    """Append one run's figures (bytes read by phase, times) to audit.json's `runs`."""
+    path = Path(out_dir) / MANIFEST
+    try:
+        doc = json.loads(read_small(path, MAX_CONFIG_BYTES, MANIFEST))
+    except (LineageError, ValueError):
+        return
+    doc.setdefault("runs", []).append({"at": time.time(), **figures})
+    atomic_write_bytes(path, json.dumps(doc, indent=2).encode())
+
+
 def run_local(
-    ms: ModelSet, out_dir: Path, opts: FitOptions | None = None, unit_bytes: int = 256 << 20, flush_rows: int = 2000
+    ms: ModelSet,
+    out_dir: Path,
+    opts: FitOptions | None = None,
+    unit_bytes: int = 256 << 20,
+    flush_rows: int = 2000,
+    screening: Screening | None = None,
 ) -> list[dict]:
     """The whole audit in this process (no Ray), resuming what `out_dir` holds."""
     opts = (opts or FitOptions()).with_(base=ms.base)  # the declared base leads the stored columns, as on Ray
     out = prepare(out_dir)
     with lock(out):
         plan = plan_audit(ms)
-        plan.resume_from(out, opts.sample_fraction)
-        plan.pack(unit_bytes)
 
         def run_units(units: list[Unit]) -> Iterator[tuple[Unit, list]]:
             for u in units:
                 yield u, run_unit(u, opts)
 
+        screened = screen(plan, out, run_units, screening or Screening(), unit_bytes)
+        plan.resume_from(out, opts.sample_fraction)
+        plan.pack(unit_bytes)
         red = Reducer(plan, out, flush_rows)
         for u, results in run_units(plan.units):
             red.add(results, u.uid)
         red.finish()
+        log_run(out, bytes_screening=screened, bytes_fit=red.bytes_read)
         return decide_all(plan, out, run_units, unit_bytes)

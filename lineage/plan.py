@@ -38,6 +38,27 @@ class Item:
     sample_fraction: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SharedItem:
+    """Rows [row0, row1) of several suspects' groups that pair with the same candidate
+    views (a bulk audit): the worker reads each candidate row once, fits every suspect
+    against it, and compares the suspects with each other on a sample (relations)."""
+
+    gids: tuple[int, ...]
+    groups: tuple[Group, ...]
+    row0: int
+    row1: int
+    part: int
+    parts: int
+    nbytes: int
+    sample_fraction: float | None = None
+    relations: bool = True  # compare the suspects with each other too (not while screening)
+
+    @property
+    def gid(self) -> int:
+        return self.gids[0]
+
+
 @dataclass(frozen=True)
 class Unit:
     uid: int
@@ -48,18 +69,44 @@ class Unit:
         return sum(i.nbytes for i in self.items)
 
 
-def items_of(groups: list[Group | None], max_item_bytes: int) -> list[Item]:
-    """Work items for every comparable group (None: nothing to do), big ones split by rows."""
-    out = []
+def share_key(g: Group) -> tuple:
+    """Groups with one key pair with the same candidate views and are read the same way
+    (suspect dtype, rows and columns): one read of the candidates serves them all."""
+    assert g.view is not None
+    return (tuple((s.candidate, s.view) for s in g.paired), g.view.rows, g.view.cols, g.view.dtype)
+
+
+def items_of(
+    groups: list[Group | None], max_item_bytes: int, share: bool = True, sample_fraction: float | None = None
+) -> list[Item | SharedItem]:
+    """Work items for every comparable group (None: nothing to do), big ones split by rows.
+
+    With `share`, the groups of several suspects that pair with the same
+    candidate views become one SharedItem. Rows are split as for one suspect
+    (by its bytes with the candidates'), so each suspect's statistics are
+    the ones its own audit would compute."""
+    buckets: dict[tuple, list[int]] = {}
     for gid, g in enumerate(groups):
         if g is None or g.status != "ok" or g.view is None:
             continue
+        key = share_key(g) if share else (gid,)
+        buckets.setdefault(key, []).append(gid)
+    out: list[Item | SharedItem] = []
+    for gids in buckets.values():
+        g = groups[gids[0]]
+        assert g is not None and g.view is not None
         nb, rows = g.nbytes, g.view.rows
+        total = nb + sum(groups[i].view.nbytes for i in gids[1:])  # type: ignore[union-attr]
         parts = max(1, min(rows, math.ceil(nb / max_item_bytes)))
         cuts = [rows * k // parts for k in range(parts + 1)]
         for k in range(parts):
             r0, r1 = cuts[k], cuts[k + 1]
-            out.append(Item(gid, g, r0, r1, k, parts, nb * (r1 - r0) // rows))
+            if len(gids) == 1:
+                out.append(Item(gids[0], g, r0, r1, k, parts, nb * (r1 - r0) // rows, sample_fraction))
+            else:
+                gs = tuple(groups[i] for i in gids)
+                rel = sample_fraction is None
+                out.append(SharedItem(tuple(gids), gs, r0, r1, k, parts, total * (r1 - r0) // rows, sample_fraction, rel))  # type: ignore[arg-type]
     return out
 
 

@@ -13,13 +13,17 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from lineage.dtypes import DTYPES
-from lineage.engines import accumulate
+import numpy as np
+
+from lineage.decode import as_float32, decoded
+from lineage.dtypes import DTYPES, view_tolerance
+from lineage.engines import accumulate, accumulate_shared
 from lineage.errors import LineageError, where
 from lineage.geometry import pieces
 from lineage.options import FitOptions
-from lineage.plan import Item, Unit
+from lineage.plan import Item, SharedItem, Unit
 from lineage.reader import Reader
+from lineage.relations import RelationResult, relation_elements
 from lineage.remote import is_remote
 from lineage.sampling import block_rows, sample_ranges
 from lineage.stats import Stats
@@ -38,13 +42,109 @@ class ItemResult:
     parts: int
     stats: Stats | None
     error: str | None
+    #: bytes this result accounts for reading: its stats' for an item read alone; for
+    #: the suspects of a shared item, the whole item's on the first and 0 on the others
+    #: (the candidates were read once for all of them)
+    read: int = 0
 
 
 def run_unit(unit: Unit, opts: FitOptions) -> list:
-    """Every item of `unit`, in order: an ItemResult per fit item, whatever other items return."""
+    """Every item of `unit`, in order: an ItemResult per fit item (one per suspect of a
+    shared item, then the suspects' RelationResults), whatever other items return."""
+    out: list = []
     with Reader(remote=opts.remote) as reader:
         reader.expect(remote_ranges(unit, opts))
-        return [run_item(it, reader, opts) if isinstance(it, Item) else it.run(reader, opts) for it in unit.items]
+        for it in unit.items:
+            if isinstance(it, Item):
+                out.append(run_item(it, reader, opts))
+            elif isinstance(it, SharedItem):
+                out.extend(run_shared(it, reader, opts))
+            else:
+                out.append(it.run(reader, opts))
+    return out
+
+
+def run_shared(it: SharedItem, reader: Reader, opts: FitOptions) -> list:
+    """Every suspect of a shared item, the candidates read once; then their relations."""
+    o = opts if it.sample_fraction is None else opts.with_(sample_fraction=it.sample_fraction)
+    before = reader.bytes_read
+    try:
+        stats = accumulate_shared(list(it.groups), reader, o, (it.row0, it.row1))
+    except LineageError as e:
+        return [ItemResult(gid, it.part, it.parts, None, str(e)) for gid in it.gids]
+    except (ValueError, RuntimeError, OSError) as e:
+        return [
+            ItemResult(gid, it.part, it.parts, None, f"{_where_g(g)}: {type(e).__name__}: {e}")
+            for gid, g in zip(it.gids, it.groups)
+        ]
+    out: list = [_result(gid, g, it.part, it.parts, st) for gid, g, st in zip(it.gids, it.groups, stats)]
+    out[0].read = reader.bytes_read - before
+    if it.relations and it.part == 0 and len(it.groups[0].shape) >= 2:
+        try:
+            out.extend(compare_suspects(it, reader, o))
+        except (LineageError, ValueError, RuntimeError, OSError):
+            pass  # relations are a by-product: a read that fails here already failed the fit rows
+    return out
+
+
+def _result(gid: int, g, part: int, parts: int, st: Stats) -> ItemResult:
+    if not st.nonfinite and not st.finite(MAX_STAT):
+        path = g.view.segments[0].path if g.view is not None else "?"
+        return ItemResult(
+            gid,
+            part,
+            parts,
+            None,
+            f"{where(path, g.tensor)}: values too large for float64 statistics (sums of squares above {MAX_STAT:.0e})",
+        )
+    if parts == 1:
+        st.fold()
+    return ItemResult(gid, part, parts, st, None, st.bytes_read)
+
+
+def compare_suspects(it: SharedItem, reader: Reader, opts: FitOptions) -> list[RelationResult]:
+    """The suspects of `it` against each other on a sample of rows (relations.py), from memory."""
+    from lineage.engines import column_order, kernel
+
+    g0 = it.groups[0]
+    assert g0.view is not None
+    if kernel._kernel is None:
+        return []
+    cols, names = g0.view.cols, [g.suspect for g in it.groups]
+    per_row = max(1, relation_elements(len(names)) // cols)
+    frac = min(1.0, per_row / max(1, it.row1 - it.row0), opts.sample_fraction)
+    ranges = sample_ranges(it.row0, it.row1, per_row, frac, g0.tensor + "|relations")
+    ref = column_order(g0, opts.base)[0]
+    views = [next(s.view for s in g0.paired if s.candidate == ref)] + [g.view for g in it.groups]
+    if not kernel.applies(views[:2]):
+        return []
+    raw = all(seg.dtype == "BF16" for v in views for seg in v.segments)
+
+    def rows_of(v) -> np.ndarray:
+        if raw:
+            return np.concatenate([np.frombuffer(reader.read_raw(v, a, b), dtype=np.uint16) for a, b in ranges])
+        return np.concatenate(
+            [
+                x if (x := as_float32(reader, v, a, b)) is not None else decoded(reader, v, a, b).reshape(-1).numpy()
+                for a, b in ranges
+            ]
+        )
+
+    data = [rows_of(v) for v in views]
+    dtypes = {g.suspect: g.dtype for g in it.groups}
+    out = []
+    batch = kernel._kernel.MAX_CANDIDATES - 1
+    for a in range(1, len(names)):
+        for lo in range(0, a, batch):
+            others = list(range(lo, min(a, lo + batch)))
+            xs = [data[1 + a], data[0]] + [data[1 + b] for b in others]
+            tols = np.array(
+                [view_tolerance(views[1 + a].dtype, views[0].dtype)]
+                + [view_tolerance(views[1 + a].dtype, views[1 + b].dtype) for b in others]
+            )
+            st = kernel.stats_of_arrays(xs, [ref] + [names[b] for b in others], tols, cols)
+            out.append(RelationResult(g0.canonical, names[a], st, dtypes))
+    return out
 
 
 def remote_ranges(unit: Unit, opts: FitOptions) -> dict[str, list[tuple[int, int]]]:
@@ -52,11 +152,13 @@ def remote_ranges(unit: Unit, opts: FitOptions) -> dict[str, list[tuple[int, int
     samples them) of every side, and the FP8 block scales beside them."""
     out: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for it in unit.items:
-        if isinstance(it, Item) and it.group.view is not None:
-            g = it.group
+        if (
+            isinstance(it, (Item, SharedItem))
+            and (g := it.groups[0] if isinstance(it, SharedItem) else it.group).view is not None
+        ):
             frac = opts.sample_fraction if it.sample_fraction is None else it.sample_fraction
             rows = sample_ranges(it.row0, it.row1, block_rows(g.view.cols), frac, g.tensor)
-            views = [g.view] + [s.view for s in g.paired]
+            views = [x.view for x in (it.groups if isinstance(it, SharedItem) else [g])] + [s.view for s in g.paired]
         else:
             views = [v for _, sv, pv, _ in getattr(it, "mats", ()) for v in (sv, pv)]
             rows = None
@@ -75,18 +177,7 @@ def remote_ranges(unit: Unit, opts: FitOptions) -> dict[str, list[tuple[int, int
 def run_item(it: Item, reader: Reader, opts: FitOptions) -> ItemResult:
     try:
         o = opts if it.sample_fraction is None else opts.with_(sample_fraction=it.sample_fraction)
-        st = accumulate(it.group, reader, o, (it.row0, it.row1))
-        if not st.nonfinite and not st.finite(MAX_STAT):
-            return ItemResult(
-                it.gid,
-                it.part,
-                it.parts,
-                None,
-                f"{_where(it)}: values too large for float64 statistics (sums of squares above {MAX_STAT:.0e})",
-            )
-        if it.parts == 1:
-            st.fold()
-        return ItemResult(it.gid, it.part, it.parts, st, None)
+        return _result(it.gid, it.group, it.part, it.parts, accumulate(it.group, reader, o, (it.row0, it.row1)))
     except LineageError as e:
         return ItemResult(it.gid, it.part, it.parts, None, str(e))
     except (ValueError, RuntimeError, OSError) as e:  # decode trouble from torch; keep the audit going
@@ -94,6 +185,9 @@ def run_item(it: Item, reader: Reader, opts: FitOptions) -> ItemResult:
 
 
 def _where(it: Item) -> str:
-    """`file [tensor]` of the suspect side, the prefix of every message."""
-    v = it.group.view
-    return where(v.segments[0].path if v is not None else "?", it.group.tensor)
+    return _where_g(it.group)
+
+
+def _where_g(g) -> str:
+    """`file [tensor]` of a group's suspect side, the prefix of every message."""
+    return where(g.view.segments[0].path if g.view is not None else "?", g.tensor)

@@ -90,8 +90,12 @@ def test_ray_job_submit_with_gpu_actors(head, demo_root, tmp_path):
     out = tmp_path / "out"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head, "--working-dir", str(REPO), "--",
            "python", "-m", "jobs.audit", "compute=gpu", f"output_dir={out}", f"demo_cache={demo_root.parent}"]  # fmt: skip
-    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    log = r.stdout + r.stderr
+    for _ in range(10):  # the head's job agent may come up a little after `ray job list` answers
+        r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+        log = r.stdout + r.stderr
+        if "No available agent to submit job" not in log:
+            break
+        time.sleep(2)
     assert r.returncode == 0 and "succeeded" in log, log[-3000:]
     # two actors, each holding one of the head's two logical GPUs; no CUDA here, so they fit on CPU
     line = next(x for x in log.splitlines() if "fit actors" in x)

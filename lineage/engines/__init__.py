@@ -29,6 +29,47 @@ def column_order(group: Group, base: str | None) -> list[str]:
     return names
 
 
+def accumulate_shared(
+    groups: list[Group], reader: Reader, opts: FitOptions, rows: tuple[int, int] | None = None, engine: str = "auto"
+) -> list[Stats]:
+    """Stats of several suspects' groups that pair with the same candidate views, reading
+    each candidate row once. Each Stats equals, bit for bit, what `accumulate` gives for
+    that group alone, `bytes_read` included (the candidates' bytes counted for each)."""
+    from lineage.engines import kernel
+
+    g0 = groups[0]
+    assert g0.view is not None
+    if len(groups) == 1:
+        return [accumulate(g0, reader, opts, rows, engine)]
+    a, b = rows if rows is not None else (0, g0.view.rows)
+    ranges = sample_ranges(a, b, block_rows(g0.view.cols), opts.sample_fraction, g0.tensor)
+    order = column_order(g0, opts.base)
+    cands = [next(s.view for s in g0.paired if s.candidate == c) for c in order]
+    suspects = [g.view for g in groups]
+    use_kernel = engine == "kernel" or (engine == "auto" and opts.device == "cpu" and kernel.applies([suspects[0], *cands]))
+    use_kernel = use_kernel and all(kernel.applies([s, *cands]) for s in suspects)
+    before = reader.bytes_read
+    if use_kernel:
+        out = kernel.accumulate_shared(suspects, cands, order, reader, opts.chunk_bytes, ranges, opts.threads)
+    else:
+        from lineage.engines import torch_engine
+
+        out = torch_engine.accumulate_shared(suspects, cands, order, reader, opts.chunk_bytes, ranges, opts.device)
+    own = [sum(_bytes(v, r0, r1) for r0, r1 in ranges) for v in suspects]
+    shared = reader.bytes_read - before - sum(own)
+    for st, n in zip(out, own):
+        st.bytes_read = shared + n
+    return out
+
+
+def _bytes(view, a: int, b: int) -> int:
+    """Stored bytes of rows [a, b) of a view."""
+    from lineage.dtypes import DTYPES
+    from lineage.geometry import pieces
+
+    return sum((r1 - r0) * seg.cols * DTYPES[seg.dtype].itemsize for seg, r0, r1 in pieces(view, a, b))
+
+
 def accumulate(
     group: Group, reader: Reader, opts: FitOptions, rows: tuple[int, int] | None = None, engine: str = "auto"
 ) -> Stats:

@@ -59,6 +59,51 @@ def _raw_bf16(views: list) -> bool:
     return all(seg.dtype == "BF16" for v in views for seg in v.segments)
 
 
+class _Pass:
+    """What one pass over row chunks shares: the chunking (which fixes the order of
+    float64 additions), how rows are loaded, and the kernel call on a piece."""
+
+    def __init__(
+        self, suspect: object, cands: list, reader: Reader, chunk_bytes: int, ranges, suspects: list | None = None
+    ) -> None:
+        views = [*(suspects or [suspect]), *cands]
+        self.k, self.cols = len(cands), cands[0].cols
+        self.raw = _raw_bf16(views)
+        itemsize = 2 if self.raw else 4
+        self.step = max(1, min(chunk_bytes, KERNEL_CHUNK) // (self.cols * itemsize * (self.k + 1)))
+        self.fn = _kernel.accumulate_bf16 if self.raw else _kernel.accumulate_f32
+        self.reader = reader
+        self.work = chunks(ranges, self.step)
+
+    def tols(self, suspect, cands: list) -> np.ndarray:
+        return np.array([view_tolerance(suspect.dtype, v.dtype) for v in cands], dtype=np.float64)
+
+    def load(self, views: list, r0: int, r1: int, slot: int, first: int = 0) -> list[np.ndarray]:
+        """Rows [r0, r1) of `views` as kernel input. BF16 goes into reused buffers (`slot`
+        alternates, so a read never lands in the buffer being fitted; `first` offsets the
+        buffers of the views of one call from another's)."""
+        reader, cols = self.reader, self.cols
+        if self.raw:
+            nb = (r1 - r0) * cols * 2
+            bufs = [reader.scratch(2 * (first + j) + slot, nb) for j in range(len(views))]
+            return [np.frombuffer(reader.read_raw(v, r0, r1, b), dtype=np.uint16) for v, b in zip(views, bufs)]
+        return [
+            x if (x := as_float32(reader, v, r0, r1)) is not None else decoded(reader, v, r0, r1).reshape(-1).numpy()
+            for v in views
+        ]
+
+    def fit(self, xs: list[np.ndarray], tols: np.ndarray) -> tuple | list[np.ndarray]:
+        return fit_piece(self.fn, xs, tols, self.cols)
+
+    def cut(self, r0: int, r1: int) -> list[tuple[int, int]]:
+        cuts = [r0 + (r1 - r0) * j // KERNEL_SPLIT for j in range(KERNEL_SPLIT + 1)]
+        return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+    def pieces(self, xs: list[np.ndarray], r0: int, r1: int) -> list[list[np.ndarray]]:
+        c = self.cols
+        return [[x[(a - r0) * c : (b - r0) * c] for x in xs] for a, b in self.cut(r0, r1)]
+
+
 def accumulate(
     views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, threads: int = 1, mmap_ok: bool = True
 ) -> Stats:
@@ -74,33 +119,12 @@ def accumulate(
     `mmap_ok=False` forces the copying path (tests compare the two).
     """
     assert _kernel is not None
-    k, cols = len(order), views[0].cols
-    st = Stats(order, cols=cols)
-    raw = _raw_bf16(views)
-    itemsize = 2 if raw else 4
-    step = max(1, min(chunk_bytes, KERNEL_CHUNK) // (cols * itemsize * (k + 1)))
-    fn = _kernel.accumulate_bf16 if raw else _kernel.accumulate_f32
-    tols = np.array([view_tolerance(views[0].dtype, v.dtype) for v in views[1:]], dtype=np.float64)
-    work = chunks(ranges, step)
-
-    def load(r0: int, r1: int, slot: int) -> list[np.ndarray]:
-        if raw:  # into reused buffers: `slot` alternates so a read never lands in the buffer being fitted
-            nb = (r1 - r0) * cols * 2
-            bufs = [reader.scratch(2 * j + slot, nb) for j in range(len(views))]
-            return [np.frombuffer(reader.read_raw(v, r0, r1, b), dtype=np.uint16) for v, b in zip(views, bufs)]
-        return [
-            x if (x := as_float32(reader, v, r0, r1)) is not None else decoded(reader, v, r0, r1).reshape(-1).numpy()
-            for v in views
-        ]
+    ps = _Pass(views[0], views[1:], reader, chunk_bytes, ranges)
+    tols = ps.tols(views[0], views[1:])
+    work = ps.work
 
     def fit(xs: list[np.ndarray]) -> tuple | list[np.ndarray]:
-        """Stats arrays and element count of one piece; its inputs instead if they hold non-finite values."""
-        out = (np.zeros((k + 1, k + 1)), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64))
-        rg, cs, dr = np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols)), np.zeros(k)
-        fn(*out, tols, xs[0], tuple(xs[1:]), cols, cs, rg, dr)
-        if not (np.isfinite(out[0]).all() and np.isfinite(out[1]).all()):
-            return [x.copy() for x in xs]
-        return (*out, rg, cs, dr, xs[0].size)
+        return ps.fit(xs, tols)
 
     def fit_mapped() -> list:
         """Fit every chunk in place in the files' pages, keeping the kernel
@@ -113,20 +137,13 @@ def accumulate(
         def finish() -> None:
             r0, r1, mvs, futs, last = pending.popleft()
             out.extend(f.result() if isinstance(f, Future) else f for f in futs)
-            for v, m in zip(views, mvs):
-                try:
-                    m.release()
-                except BufferError:  # an exception's traceback still holds the arrays
-                    pass
-                reader.unmap_rows(v, r0, r1, last)
+            _unmap(reader, views, mvs, r0, r1, last)
 
         try:
             for i, (r0, r1) in enumerate(work):
                 last = i == len(work) - 1 or work[i + 1][0] != r1
                 mvs = [reader.map_rows(v, r0, r1) for v in views]  # one segment per view: never None
-                xs = [np.frombuffer(m, dtype=np.uint16) for m in mvs]  # type: ignore[arg-type]
-                parts = [[x[(a - r0) * cols : (b - r0) * cols] for x in xs] for a, b in cut(r0, r1)]
-                del xs
+                parts = ps.pieces([np.frombuffer(m, dtype=np.uint16) for m in mvs], r0, r1)  # type: ignore[arg-type]
                 if threads > 1:
                     futs = [_kernel_pool(threads).submit(fit, part) for part in parts]
                 else:
@@ -140,28 +157,108 @@ def accumulate(
                 finish()
         return out
 
-    def cut(r0: int, r1: int) -> list[tuple[int, int]]:
-        cuts = [r0 + (r1 - r0) * j // KERNEL_SPLIT for j in range(KERNEL_SPLIT + 1)]
-        return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
-
     results: list = []
-    mapped = raw and mmap_ok and all(len(v.segments) == 1 and reader.mappable(v) for v in views)
-    if mapped:  # no copy and no read thread: the kernel threads touch the pages themselves
-        results = fit_mapped()
+    if ps.raw and mmap_ok and all(len(v.segments) == 1 and reader.mappable(v) for v in views):
+        results = fit_mapped()  # no copy and no read thread: the kernel threads touch the pages themselves
     elif threads > 1 and len(work) > 1:
-        pieces = [ab for r in work for ab in cut(*r)]
-        results = list(_kernel_pool(threads).map(lambda ab: fit(load(*ab, 0)), pieces))
+        pieces = [ab for r in work for ab in ps.cut(*r)]
+        results = list(_kernel_pool(threads).map(lambda ab: fit(ps.load(views, *ab, 0)), pieces))
     elif len(work) == 1:  # one read: nothing to overlap it with, so no read-ahead thread (small tensors)
         (r0, r1) = work[0]
-        xs = load(r0, r1, 0)
-        results = [fit([x[(a - r0) * cols : (b - r0) * cols] for x in xs]) for a, b in cut(r0, r1)]
+        results = [fit(part) for part in ps.pieces(ps.load(views, r0, r1, 0), r0, r1)]
     else:
         pool = reader.prefetcher()
-        nxt = pool.submit(load, *work[0], 0) if work else None
+        nxt = pool.submit(ps.load, views, *work[0], 0) if work else None
         for i, (r0, r1) in enumerate(work):
             xs = nxt.result()  # type: ignore[union-attr]
-            nxt = pool.submit(load, *work[i + 1], (i + 1) % 2) if i + 1 < len(work) else None
-            results += [fit([x[(a - r0) * cols : (b - r0) * cols] for x in xs]) for a, b in cut(r0, r1)]
+            nxt = pool.submit(ps.load, views, *work[i + 1], (i + 1) % 2) if i + 1 < len(work) else None
+            results += [fit(part) for part in ps.pieces(xs, r0, r1)]
+    return totals_of(results, order, ps.cols)
+
+
+def accumulate_shared(
+    suspects: list,
+    cands: list,
+    order: list[str],
+    reader: Reader,
+    chunk_bytes: int,
+    ranges,
+    threads: int = 1,
+    mmap_ok: bool = True,
+) -> list[Stats]:
+    """Several suspects against the same candidate views, each candidate row read once.
+
+    The candidates' rows of a chunk are loaded (or mapped) once; then each
+    suspect's rows in turn, fitted against them in the same pieces as a
+    pass with that suspect alone (the chunking depends only on the shapes
+    and the number of candidates), so each suspect's Stats equal, bit for
+    bit, those of its own audit. One suspect's rows are held at a time:
+    memory does not grow with the number of suspects."""
+    assert _kernel is not None
+    ps = _Pass(None, cands, reader, chunk_bytes, ranges, suspects)
+    tols = [ps.tols(s, cands) for s in suspects]
+    results: list[list] = [[] for _ in suspects]
+    mapped = ps.raw and mmap_ok and all(len(v.segments) == 1 and reader.mappable(v) for v in [*suspects, *cands])
+    work = ps.work
+    for i, (r0, r1) in enumerate(work):
+        last = i == len(work) - 1 or work[i + 1][0] != r1
+        if mapped:
+            cmv = [reader.map_rows(v, r0, r1) for v in cands]
+            cx = [np.frombuffer(m, dtype=np.uint16) for m in cmv]  # type: ignore[arg-type]
+        else:
+            cx = ps.load(cands, r0, r1, 0, first=1)
+        for j, s in enumerate(suspects):
+            if mapped:
+                smv = [reader.map_rows(s, r0, r1)]
+                sx = [np.frombuffer(smv[0], dtype=np.uint16)]  # type: ignore[arg-type]
+            else:
+                sx = ps.load([s], r0, r1, 0)
+            parts = ps.pieces(sx + cx, r0, r1)
+            if threads > 1:
+                results[j] += list(_kernel_pool(threads).map(lambda part, t=tols[j]: ps.fit(part, t), parts))
+            else:
+                results[j] += [ps.fit(part, tols[j]) for part in parts]
+            del sx, parts
+            if mapped:
+                _unmap(reader, [s], smv, r0, r1, last)
+        del cx
+        if mapped:
+            _unmap(reader, cands, cmv, r0, r1, last)
+    return [totals_of(r, order, ps.cols) for r in results]
+
+
+def fit_piece(fn, xs: list[np.ndarray], tols: np.ndarray, cols: int) -> tuple | list[np.ndarray]:
+    """Stats arrays and element count of one piece (suspect, then candidates); its inputs
+    instead if they hold non-finite values."""
+    k = len(xs) - 1
+    out = (np.zeros((k + 1, k + 1)), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64))
+    rg, cs, dr = np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols)), np.zeros(k)
+    fn(*out, tols, xs[0], tuple(xs[1:]), cols, cs, rg, dr)
+    if not (np.isfinite(out[0]).all() and np.isfinite(out[1]).all()):
+        return [x.copy() for x in xs]
+    return (*out, rg, cs, dr, xs[0].size)
+
+
+def stats_of_arrays(xs: list[np.ndarray], order: list[str], tols: np.ndarray, cols: int) -> Stats:
+    """Stats of rows already in memory (uint16 BF16 bits or float32), one piece."""
+    assert _kernel is not None
+    fn = _kernel.accumulate_bf16 if xs[0].dtype == np.uint16 else _kernel.accumulate_f32
+    return totals_of([fit_piece(fn, xs, tols, cols)], order, cols)
+
+
+def _unmap(reader: Reader, views: list, mvs: list, r0: int, r1: int, last: bool) -> None:
+    for v, m in zip(views, mvs):
+        try:
+            m.release()
+        except BufferError:  # an exception's traceback still holds the arrays
+            pass
+        reader.unmap_rows(v, r0, r1, last)
+
+
+def totals_of(results: list, order: list[str], cols: int) -> Stats:
+    """One Stats from the pieces' results, added in piece order."""
+    k = len(order)
+    st = Stats(order, cols=cols)
     totals = [np.zeros((k + 1, k + 1)), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64)]
     totals += [np.zeros((k + 1, k + 1)), np.zeros((k + 1, cols)), np.zeros(k)]
     for res in results:  # in piece order

@@ -25,41 +25,69 @@ def rows_per_chunk(views: list, chunk_bytes: int) -> int:
 
 def accumulate(views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str) -> Stats:
     """Stats of `views` (suspect first, then `order`) over `ranges`, in float64 on `device`."""
+    return accumulate_shared([views[0]], views[1:], order, reader, chunk_bytes, ranges, device)[0]
+
+
+def accumulate_shared(
+    suspects: list, cands: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str
+) -> list[Stats]:
+    """Several suspects against the same candidate views: each candidate chunk is read
+    (and moved to `device`) once, then every suspect's rows are fitted against it."""
     import torch  # only this engine needs it: workers on the kernel path never import torch
 
-    cols = views[0].cols
-    st = Stats(order, cols=cols)
-    colsum = torch.zeros(len(order) + 1, cols, dtype=torch.float64, device=device)
-    gram = torch.zeros(len(order) + 1, len(order) + 1, dtype=torch.float64)
-    sums, rowgram = torch.zeros(len(order) + 1, dtype=torch.float64), torch.zeros_like(gram)
-    tols = [view_tolerance(views[0].dtype, v.dtype) for v in views[1:]]
+    cols = cands[0].cols
     m = len(order) + 1
-    for r0, r1 in chunks(ranges, rows_per_chunk(views, chunk_bytes)):
-        s, *ps = [decoded(reader, v, r0, r1).reshape(-1).to(device) for v in views]
-        if count_nonfinite(st, order, [x.numel() - int(torch.isfinite(x).sum()) for x in (s, *ps)]):
-            continue
-        y = torch.empty(s.numel(), m, dtype=torch.float64, device=device)
+    acc = []
+    for s in suspects:
+        acc.append(
+            {
+                "st": Stats(order, cols=cols),
+                "colsum": torch.zeros(m, cols, dtype=torch.float64, device=device),
+                "gram": torch.zeros(m, m, dtype=torch.float64),
+                "sums": torch.zeros(m, dtype=torch.float64),
+                "rowgram": torch.zeros(m, m, dtype=torch.float64),
+                "tols": [view_tolerance(s.dtype, v.dtype) for v in cands],
+            }
+        )
+    for r0, r1 in chunks(ranges, rows_per_chunk([cands[0], *cands], chunk_bytes)):
+        ps = [decoded(reader, v, r0, r1).reshape(-1).to(device) for v in cands]
+        cbad = [x.numel() - int(torch.isfinite(x).sum()) for x in ps]
         ref = ps[0].to(torch.float64)
-        y[:, 0] = ref
-        for j, p in enumerate(ps[1:], start=1):
-            torch.sub(p.to(torch.float64), ref, out=y[:, j])
-        torch.sub(s.to(torch.float64), ref, out=y[:, m - 1])
-        kept_ref = None
-        for i, p in enumerate(ps):
-            st.exact[i] += int((s == p).sum())
-            d = s.to(torch.float64) - p.to(torch.float64)
-            close = d.abs() <= tols[i] * p.to(torch.float64).abs()
-            st.near[i] += int(close.sum())
-            if i == 0:
-                kept_ref = close
-            else:  # y[:, i] is p_i - r
-                st.dropped[i] += float(y[:, i][kept_ref].pow(2).sum())
-        gram += (y.T @ y).cpu()
-        sums += y.sum(0).cpu()
-        by_row = y.view(-1, cols, m)
-        rs = by_row.sum(1)
-        rowgram += (rs.T @ rs).cpu()
-        colsum += by_row.sum(0).T
-        st.n += s.numel()
-    st.gram, st.sums, st.rowgram, st.colsum = gram.numpy(), sums.numpy(), rowgram.numpy(), colsum.cpu().numpy()
-    return st
+        for s, a in zip(suspects, acc):
+            sx = decoded(reader, s, r0, r1).reshape(-1).to(device)
+            st = a["st"]
+            if count_nonfinite(st, order, [sx.numel() - int(torch.isfinite(sx).sum()), *cbad]):
+                continue
+            y = torch.empty(sx.numel(), m, dtype=torch.float64, device=device)
+            y[:, 0] = ref
+            for j, p in enumerate(ps[1:], start=1):
+                torch.sub(p.to(torch.float64), ref, out=y[:, j])
+            torch.sub(sx.to(torch.float64), ref, out=y[:, m - 1])
+            kept_ref = None
+            for i, p in enumerate(ps):
+                st.exact[i] += int((sx == p).sum())
+                d = sx.to(torch.float64) - p.to(torch.float64)
+                close = d.abs() <= a["tols"][i] * p.to(torch.float64).abs()
+                st.near[i] += int(close.sum())
+                if i == 0:
+                    kept_ref = close
+                else:  # y[:, i] is p_i - r
+                    st.dropped[i] += float(y[:, i][kept_ref].pow(2).sum())
+            a["gram"] += (y.T @ y).cpu()
+            a["sums"] += y.sum(0).cpu()
+            by_row = y.view(-1, cols, m)
+            rs = by_row.sum(1)
+            a["rowgram"] += (rs.T @ rs).cpu()
+            a["colsum"] += by_row.sum(0).T
+            st.n += sx.numel()
+    out = []
+    for a in acc:
+        st = a["st"]
+        st.gram, st.sums, st.rowgram, st.colsum = (
+            a["gram"].numpy(),
+            a["sums"].numpy(),
+            a["rowgram"].numpy(),
+            a["colsum"].cpu().numpy(),
+        )
+        out.append(st)
+    return out
