@@ -10,11 +10,13 @@ character, nothing a file system refuses for length.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from dataclasses import dataclass, field
 
 from lineage.errors import LineageError, printable
+from lineage.files import MAX_LIST_BYTES, read_small
 
 MAX_NAME = 100
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -50,10 +52,10 @@ class ModelSet:
         """Build and validate from plain data (a Hydra config turned to a dict)."""
         if not isinstance(d, dict):
             raise LineageError(f"model set: expected a mapping, got {type(d).__name__}")
-        unknown = set(d) - {"name", "suspects", "candidates", "description"}
+        unknown = set(d) - {"name", "suspects", "suspects_from", "candidates", "description"}
         if unknown:
             raise LineageError(
-                f"model set {d.get('name')}: unknown keys {sorted(unknown)} (known: name, suspects, candidates, description)"
+                f"model set {d.get('name')}: unknown keys {sorted(unknown)} (known: name, suspects, suspects_from, candidates, description)"
             )
         name = check_name("model set", d.get("name"))
         members = {}
@@ -66,6 +68,9 @@ class ModelSet:
                     f"model set {name}: {role} must be a list of {{name, source}} entries, got {type(ms_).__name__}"
                 )
             members[role] = tuple(_member(name, role, m) for m in ms_)
+        if d.get("suspects_from") is not None:
+            listed = read_members(d["suspects_from"], name)
+            members["suspects"] = members["suspects"] + tuple(_member(name, "suspects", m) for m in listed)
         desc = d.get("description")
         if desc is not None and not isinstance(desc, str):
             raise LineageError(f"model set {name}: description must be text, got {type(desc).__name__}")
@@ -99,9 +104,55 @@ class ModelSet:
         return next((c.name for c in self.candidates if c.base), None)
 
 
+def read_members(path: object, set_name: str) -> list[dict]:
+    """`{name, source}` rows of a list of uploads: a CSV (with or without a `name,source`
+    header), a Parquet file (columns `name` and `source`), or a text file of one
+    `name,source` (or `name source`) per line, `#` comments and blank lines skipped.
+    Read as hostile input: a regular file, capped in size; each row's problems name the
+    file and line."""
+    if not isinstance(path, str) or not path:
+        raise LineageError(f"model set {set_name}: suspects_from must name a file, got {path!r}")
+    raw = read_small(os.path.expanduser(path), MAX_LIST_BYTES, "suspects_from list")
+    if path.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            t = pq.read_table(pa.BufferReader(raw))
+        except (pa.ArrowException, OSError) as e:
+            raise LineageError(f"{path}: not a readable Parquet file ({e})") from None
+        if not {"name", "source"} <= set(t.column_names):
+            raise LineageError(f"{path}: needs columns name and source, has {t.column_names}")
+        return [{"name": r["name"], "source": r["source"]} for r in t.select(["name", "source"]).to_pylist()]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LineageError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    out = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = next(csv.reader([line])) if "," in line else line.split()
+        parts = [p.strip() for p in parts]
+        if i == 1 and [p.lower() for p in parts[:2]] == ["name", "source"]:
+            continue  # a CSV header
+        if len(parts) != 2 or not all(parts):
+            raise LineageError(f"{path}:{i}: expected name,source; got {printable(line[:200])}")
+        out.append({"name": parts[0], "source": parts[1], "_where": f"{path}:{i}"})
+    return out
+
+
 def _member(set_name: str, role: str, m: object) -> Member:
     if not isinstance(m, dict):
         raise LineageError(f"model set {set_name}: each of {role} must be a mapping with name and source, got {m!r}")
+    if "_where" in m:  # a row of a suspects_from list: its problems name the file and line
+        m = dict(m)
+        at = m.pop("_where")
+        try:
+            return _member(set_name, role, m)
+        except LineageError as e:
+            raise LineageError(f"{at}: {e}") from None
     unknown = set(m) - {"name", "source", "base"}
     if unknown:
         raise LineageError(

@@ -14,13 +14,16 @@ import os
 import re
 import tempfile
 from collections import defaultdict
+from datetime import datetime, timezone
 from functools import cache
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lineage import __version__
 from lineage.rows import PARTITION, SCHEMA
+from lineage.schema import VERDICTS_VERSION, with_docs
 
 QUARANTINE = "quarantine"
 PART_RE = re.compile(r"part-(\d+)\.parquet")
@@ -170,48 +173,133 @@ def check_parts(out_dir: Path, suspect: str, say=None) -> list[str]:
     return tensors
 
 
-VERDICT_SCHEMA = pa.schema(
-    [
-        ("suspect", pa.string()),
-        ("verdict", pa.string()),
-        ("closest", pa.string()),
-        (
-            "parents",
-            pa.list_(
-                pa.struct(
-                    [("name", pa.string()), ("weight", pa.float64()), ("ci95_low", pa.float64()), ("ci95_high", pa.float64())]
-                )
-            ),
-        ),
-        ("tensors", pa.int64()),
-        ("tensors_compared", pa.int64()),
-        ("bytes_compared", pa.int64()),
-        ("explanation", pa.string()),
-        ("json", pa.string()),
-    ]
+PARENT = pa.struct([("name", pa.string()), ("weight", pa.float64()), ("ci95_low", pa.float64()), ("ci95_high", pa.float64())])
+VERDICT_SCHEMA = with_docs(
+    pa.schema(
+        [
+            ("suspect", pa.string()),
+            ("verdict", pa.string()),
+            ("method", pa.string()),
+            ("merge_family", pa.string()),
+            ("base", pa.string()),
+            ("t", pa.float64()),
+            ("parents", pa.list_(PARENT)),
+            ("parent_names", pa.list_(pa.string())),
+            ("closest", pa.string()),
+            ("aliases", pa.list_(pa.string())),
+            ("screened_out", pa.list_(pa.string())),
+            ("relation_count", pa.int64()),
+            ("tensors", pa.int64()),
+            ("tensors_compared", pa.int64()),
+            ("bytes_compared", pa.int64()),
+            ("elements_compared_frac", pa.float64()),
+            ("tensors_skipped", pa.int64()),
+            ("inconclusive_reason", pa.string()),
+            ("layer_map", pa.string()),
+            ("error", pa.string()),
+            ("source", pa.string()),
+            ("source_commit", pa.string()),
+            ("candidate_sources", pa.list_(pa.struct([("name", pa.string()), ("source", pa.string()), ("commit", pa.string())]))),
+            ("lineage_version", pa.string()),
+            ("schema_version", pa.int64()),
+            ("audited_at", pa.timestamp("s", tz="UTC")),
+            ("explanation", pa.string()),
+            ("json", pa.string()),
+        ]
+    ),
+    "verdicts",
+)
+RELATION_SCHEMA = with_docs(
+    pa.schema(
+        [
+            ("suspect", pa.string()),
+            ("other", pa.string()),
+            ("other_role", pa.string()),
+            ("kind", pa.string()),
+            ("weight", pa.float64()),
+            ("z", pa.float64()),
+            ("corr", pa.float64()),
+            ("matrices", pa.int64()),
+        ]
+    ),
+    "relations",
 )
 
 
+def verdict_row(v: dict, audited_at: datetime) -> dict:
+    """The flat `verdicts.parquet` row of a verdict document."""
+    cov = v.get("coverage") or {}
+    sources = v.get("sources") or {}
+    mine = sources.get(v["suspect"], {})
+    expl = v.get("explanation") or ""
+    return {
+        "suspect": v["suspect"],
+        "verdict": v["verdict"],
+        "method": v.get("method"),
+        "merge_family": v.get("merge_family"),
+        "base": v.get("base"),
+        "t": v.get("t"),
+        "parents": [
+            {"name": p["name"], "weight": p["weight"], "ci95_low": p["ci95"][0], "ci95_high": p["ci95"][1]} for p in v["parents"]
+        ],
+        "parent_names": [p["name"] for p in v["parents"]],
+        "closest": v.get("closest"),
+        "aliases": sorted(a for p in v["parents"] for a in p.get("aliases", [])),
+        "screened_out": [c["name"] for c in v.get("screened_out", [])],
+        "relation_count": len(v.get("relations", [])),
+        "tensors": cov.get("tensors", 0),
+        "tensors_compared": cov.get("tensors_compared", 0),
+        "bytes_compared": cov.get("bytes_compared", 0),
+        "elements_compared_frac": cov.get("elements_compared_frac"),
+        "tensors_skipped": sum((cov.get("skipped") or {}).values()),
+        "inconclusive_reason": expl.split(": ", 1)[-1].rstrip(".") if v["verdict"] == "inconclusive" else None,
+        "layer_map": json.dumps(v["layer_map"]) if v.get("layer_map") else None,
+        "error": v.get("error"),
+        "source": mine.get("source"),
+        "source_commit": mine.get("commit"),
+        "candidate_sources": [
+            {"name": n, "source": d.get("source"), "commit": d.get("commit")} for n, d in sources.items() if n != v["suspect"]
+        ],
+        "lineage_version": __version__,
+        "schema_version": VERDICTS_VERSION,
+        "audited_at": audited_at,
+        "explanation": expl,
+        "json": json.dumps(v),
+    }
+
+
+def relation_rows(v: dict) -> list[dict]:
+    """`relations.parquet` rows of one verdict: its parents, aliases, screened-out
+    candidates and the other suspects it is a copy or derivative of."""
+    base = {"suspect": v["suspect"], "weight": None, "z": None, "corr": None, "matrices": None}
+    out = []
+    for p in v["parents"]:
+        out.append({**base, "other": p["name"], "other_role": "candidate", "kind": "parent", "weight": p["weight"]})
+        out += [{**base, "other": a, "other_role": "candidate", "kind": "alias"} for a in p.get("aliases", [])]
+    for c in v.get("screened_out", []):
+        out.append({**base, "other": c["name"], "other_role": "candidate", "kind": "screened_out", "z": c.get("median_z")})
+    for r in v.get("relations", []):
+        out.append(
+            {
+                **base,
+                "other": r["suspect"],
+                "other_role": "suspect",
+                "kind": r["kind"],
+                "z": r.get("median_delta_z"),
+                "corr": r.get("median_delta_corr"),
+                "matrices": r.get("matrices"),
+            }
+        )
+    return out
+
+
 def write_verdicts(out_dir: Path, verdicts: list[dict]) -> None:
-    """`verdicts/SUSPECT.json` for each, then `verdicts.parquet` for all."""
+    """`verdicts/SUSPECT.json` for each, then `verdicts.parquet` and `relations.parquet` for all."""
     out = Path(out_dir)
     for v in verdicts:
         atomic_write_bytes(out / "verdicts" / f"{v['suspect']}.json", (json.dumps(v, indent=2) + "\n").encode())
-    rows = [
-        {
-            "suspect": v["suspect"],
-            "verdict": v["verdict"],
-            "closest": v.get("closest"),
-            "parents": [
-                {"name": p["name"], "weight": p["weight"], "ci95_low": p["ci95"][0], "ci95_high": p["ci95"][1]}
-                for p in v["parents"]
-            ],
-            "tensors": v["coverage"]["tensors"],
-            "tensors_compared": v["coverage"]["tensors_compared"],
-            "bytes_compared": v["coverage"]["bytes_compared"],
-            "explanation": v["explanation"],
-            "json": json.dumps(v),
-        }
-        for v in verdicts
-    ]
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    rows = [verdict_row(v, now) for v in verdicts]
     atomic_write_table(out / "verdicts.parquet", pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA))
+    rel = [r for v in verdicts for r in relation_rows(v)]
+    atomic_write_table(out / "relations.parquet", pa.Table.from_pylist(rel, schema=RELATION_SCHEMA))

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from lineage.dtypes import rounding_tolerance
 from lineage.fit import Forms, single
 from lineage.null import null_sd
+from lineage.schema import with_docs
 from lineage.stats import Stats
 
 #: Elements per tensor each suspect contributes to the comparison (two sample blocks);
@@ -98,17 +99,20 @@ def pair_metrics(r: RelationResult) -> list[tuple[str, str, dict]]:
 
 #: One row per (pair of suspects, tensor): `OUTPUT_DIR/pairs/part-*.parquet`, written as
 #: results arrive, so a resumed audit keeps the comparisons of tensors already done.
-PAIR_SCHEMA = pa.schema(
-    [
-        ("tensor", pa.string()),
-        ("a", pa.string()),
-        ("b", pa.string()),
-        ("rel_dist", pa.float64()),
-        ("exact_frac", pa.float64()),
-        ("within_rounding", pa.bool_()),
-        ("delta_corr", pa.float64()),
-        ("delta_z", pa.float64()),
-    ]
+PAIR_SCHEMA = with_docs(
+    pa.schema(
+        [
+            ("tensor", pa.string()),
+            ("a", pa.string()),
+            ("b", pa.string()),
+            ("rel_dist", pa.float64()),
+            ("exact_frac", pa.float64()),
+            ("within_rounding", pa.bool_()),
+            ("delta_corr", pa.float64()),
+            ("delta_z", pa.float64()),
+        ]
+    ),
+    "pairs",
 )
 PAIRS = "pairs"
 

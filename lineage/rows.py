@@ -19,6 +19,7 @@ from lineage.align import Group
 from lineage.dtypes import rounding_tolerance
 from lineage.errors import where
 from lineage.fit import blend, single
+from lineage.schema import with_docs
 from lineage.stats import Stats, to_columns
 
 #: Bumped when the stored statistics change meaning or columns (2: row and
@@ -44,39 +45,42 @@ CANDIDATE = pa.struct(
     ]
 )
 WEIGHT = pa.struct([("candidate", pa.string()), ("weight", pa.float64()), ("se", pa.float64())])
-SCHEMA = pa.schema(
-    [
-        ("tensor", pa.string()),
-        ("canonical", pa.string()),
-        ("layer", pa.int32()),
-        ("component", pa.string()),
-        ("ndim", pa.int32()),
-        ("shape", pa.list_(pa.int64())),
-        ("numel", pa.int64()),
-        ("dtype", pa.string()),
-        ("status", pa.string()),
-        ("reason", pa.string()),
-        ("elements", pa.int64()),
-        ("bytes_read", pa.int64()),
-        ("candidates", pa.list_(CANDIDATE)),
-        ("base", pa.string()),
-        ("blend", pa.list_(WEIGHT)),
-        ("residual_rel", pa.float64()),
-        ("r2", pa.float64()),
-        ("cos_fit", pa.float64()),
-        ("cond", pa.float64()),
-        ("raw_cond", pa.float64()),
-        ("stats_order", pa.list_(pa.string())),
-        ("stats_gram", pa.list_(pa.float64())),
-        ("stats_sums", pa.list_(pa.float64())),
-        ("stats_exact", pa.list_(pa.int64())),
-        ("stats_near", pa.list_(pa.int64())),
-        ("stats_dropped", pa.list_(pa.float64())),
-        ("stats_cols", pa.int64()),
-        ("stats_rowgram", pa.list_(pa.float64())),
-        ("stats_colgram", pa.list_(pa.float64())),
-        ("unit", pa.int64()),
-    ]
+SCHEMA = with_docs(
+    pa.schema(
+        [
+            ("tensor", pa.string()),
+            ("canonical", pa.string()),
+            ("layer", pa.int32()),
+            ("component", pa.string()),
+            ("ndim", pa.int32()),
+            ("shape", pa.list_(pa.int64())),
+            ("numel", pa.int64()),
+            ("dtype", pa.string()),
+            ("status", pa.string()),
+            ("reason", pa.string()),
+            ("elements", pa.int64()),
+            ("bytes_read", pa.int64()),
+            ("candidates", pa.list_(CANDIDATE)),
+            ("base", pa.string()),
+            ("blend", pa.list_(WEIGHT)),
+            ("residual_rel", pa.float64()),
+            ("r2", pa.float64()),
+            ("cos_fit", pa.float64()),
+            ("cond", pa.float64()),
+            ("raw_cond", pa.float64()),
+            ("stats_order", pa.list_(pa.string())),
+            ("stats_gram", pa.list_(pa.float64())),
+            ("stats_sums", pa.list_(pa.float64())),
+            ("stats_exact", pa.list_(pa.int64())),
+            ("stats_near", pa.list_(pa.int64())),
+            ("stats_dropped", pa.list_(pa.float64())),
+            ("stats_cols", pa.int64()),
+            ("stats_rowgram", pa.list_(pa.float64())),
+            ("stats_colgram", pa.list_(pa.float64())),
+            ("unit", pa.int64()),
+        ]
+    ),
+    "tensors",
 )
 #: Hive partition column, not stored in the files.
 PARTITION = "suspect"

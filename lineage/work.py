@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lineage.decode import as_float32, decoded
 from lineage.dtypes import DTYPES, view_tolerance
 from lineage.engines import accumulate, accumulate_shared
 from lineage.errors import LineageError, where
@@ -23,7 +22,7 @@ from lineage.geometry import pieces
 from lineage.options import FitOptions
 from lineage.plan import Item, SharedItem, Unit
 from lineage.reader import Reader
-from lineage.relations import RelationResult, relation_elements
+from lineage.relations import RelationResult
 from lineage.remote import is_remote
 from lineage.sampling import block_rows, sample_ranges
 from lineage.stats import Stats
@@ -68,8 +67,10 @@ def run_shared(it: SharedItem, reader: Reader, opts: FitOptions) -> list:
     """Every suspect of a shared item, the candidates read once; then their relations."""
     o = opts if it.sample_fraction is None else opts.with_(sample_fraction=it.sample_fraction)
     before = reader.bytes_read
+    compare = it.relations and it.part == 0 and len(it.groups[0].shape) >= 2
+    keep: list | None = [] if compare else None
     try:
-        stats = accumulate_shared(list(it.groups), reader, o, (it.row0, it.row1))
+        stats = accumulate_shared(list(it.groups), reader, o, (it.row0, it.row1), keep=keep)
     except LineageError as e:
         return [ItemResult(gid, it.part, it.parts, None, str(e)) for gid in it.gids]
     except (ValueError, RuntimeError, OSError) as e:
@@ -78,12 +79,11 @@ def run_shared(it: SharedItem, reader: Reader, opts: FitOptions) -> list:
             for gid, g in zip(it.gids, it.groups)
         ]
     out: list = [_result(gid, g, it.part, it.parts, st) for gid, g, st in zip(it.gids, it.groups, stats)]
+    for r in out[1:]:
+        r.read = 0  # the item's reads are counted once, on the first suspect
     out[0].read = reader.bytes_read - before
-    if it.relations and it.part == 0 and len(it.groups[0].shape) >= 2:
-        try:
-            out.extend(compare_suspects(it, reader, o))
-        except (LineageError, ValueError, RuntimeError, OSError):
-            pass  # relations are a by-product: a read that fails here already failed the fit rows
+    if keep:
+        out.extend(compare_suspects(it, keep, o))
     return out
 
 
@@ -102,35 +102,21 @@ def _result(gid: int, g, part: int, parts: int, st: Stats) -> ItemResult:
     return ItemResult(gid, part, parts, st, None, st.bytes_read)
 
 
-def compare_suspects(it: SharedItem, reader: Reader, opts: FitOptions) -> list[RelationResult]:
-    """The suspects of `it` against each other on a sample of rows (relations.py), from memory."""
+def compare_suspects(it: SharedItem, sample: list[np.ndarray], opts: FitOptions) -> list[RelationResult]:
+    """The suspects of `it` against each other (relations.py) on the rows the fit kept:
+    `sample` holds the reference candidate's and then each suspect's leading rows."""
     from lineage.engines import column_order, kernel
 
+    if kernel._kernel is None or len(sample) != len(it.groups) + 1:
+        return []
     g0 = it.groups[0]
     assert g0.view is not None
-    if kernel._kernel is None:
-        return []
     cols, names = g0.view.cols, [g.suspect for g in it.groups]
-    per_row = max(1, relation_elements(len(names)) // cols)
-    frac = min(1.0, per_row / max(1, it.row1 - it.row0), opts.sample_fraction)
-    ranges = sample_ranges(it.row0, it.row1, per_row, frac, g0.tensor + "|relations")
     ref = column_order(g0, opts.base)[0]
-    views = [next(s.view for s in g0.paired if s.candidate == ref)] + [g.view for g in it.groups]
-    if not kernel.applies(views[:2]):
-        return []
-    raw = all(seg.dtype == "BF16" for v in views for seg in v.segments)
-
-    def rows_of(v) -> np.ndarray:
-        if raw:
-            return np.concatenate([np.frombuffer(reader.read_raw(v, a, b), dtype=np.uint16) for a, b in ranges])
-        return np.concatenate(
-            [
-                x if (x := as_float32(reader, v, a, b)) is not None else decoded(reader, v, a, b).reshape(-1).numpy()
-                for a, b in ranges
-            ]
-        )
-
-    data = [rows_of(v) for v in views]
+    ref_dtype = next(s.view.dtype for s in g0.paired if s.candidate == ref)  # type: ignore[union-attr]
+    data = [x if x.dtype in (np.uint16, np.float32) else x.astype(np.float32) for x in sample]
+    if len({x.dtype for x in data}) > 1:  # BF16 bits beside float32: compare all as float32
+        data = [(x.astype(np.uint32) << 16).view(np.float32) if x.dtype == np.uint16 else x for x in data]
     dtypes = {g.suspect: g.dtype for g in it.groups}
     out = []
     batch = kernel._kernel.MAX_CANDIDATES - 1
@@ -139,8 +125,8 @@ def compare_suspects(it: SharedItem, reader: Reader, opts: FitOptions) -> list[R
             others = list(range(lo, min(a, lo + batch)))
             xs = [data[1 + a], data[0]] + [data[1 + b] for b in others]
             tols = np.array(
-                [view_tolerance(views[1 + a].dtype, views[0].dtype)]
-                + [view_tolerance(views[1 + a].dtype, views[1 + b].dtype) for b in others]
+                [view_tolerance(dtypes[names[a]], ref_dtype)]
+                + [view_tolerance(dtypes[names[a]], dtypes[names[b]]) for b in others]
             )
             st = kernel.stats_of_arrays(xs, [ref] + [names[b] for b in others], tols, cols)
             out.append(RelationResult(g0.canonical, names[a], st, dtypes))

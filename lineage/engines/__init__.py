@@ -30,11 +30,18 @@ def column_order(group: Group, base: str | None) -> list[str]:
 
 
 def accumulate_shared(
-    groups: list[Group], reader: Reader, opts: FitOptions, rows: tuple[int, int] | None = None, engine: str = "auto"
+    groups: list[Group],
+    reader: Reader,
+    opts: FitOptions,
+    rows: tuple[int, int] | None = None,
+    engine: str = "auto",
+    keep: list | None = None,
 ) -> list[Stats]:
     """Stats of several suspects' groups that pair with the same candidate views, reading
     each candidate row once. Each Stats equals, bit for bit, what `accumulate` gives for
-    that group alone, `bytes_read` included (the candidates' bytes counted for each)."""
+    that group alone, `bytes_read` included (the candidates' bytes counted for each).
+    `keep`: filled with the reference candidate's and each suspect's leading rows, the
+    sample the suspects are compared with each other on (relations.py)."""
     from lineage.engines import kernel
 
     g0 = groups[0]
@@ -50,11 +57,11 @@ def accumulate_shared(
     use_kernel = use_kernel and all(kernel.applies([s, *cands]) for s in suspects)
     before = reader.bytes_read
     if use_kernel:
-        out = kernel.accumulate_shared(suspects, cands, order, reader, opts.chunk_bytes, ranges, opts.threads)
+        out = kernel.accumulate_shared(suspects, cands, order, reader, opts.chunk_bytes, ranges, opts.threads, keep=keep)
     else:
         from lineage.engines import torch_engine
 
-        out = torch_engine.accumulate_shared(suspects, cands, order, reader, opts.chunk_bytes, ranges, opts.device)
+        out = torch_engine.accumulate_shared(suspects, cands, order, reader, opts.chunk_bytes, ranges, opts.device, keep=keep)
     own = [sum(_bytes(v, r0, r1) for r0, r1 in ranges) for v in suspects]
     shared = reader.bytes_read - before - sum(own)
     for st, n in zip(out, own):

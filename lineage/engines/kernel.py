@@ -185,6 +185,7 @@ def accumulate_shared(
     ranges,
     threads: int = 1,
     mmap_ok: bool = True,
+    keep: list | None = None,
 ) -> list[Stats]:
     """Several suspects against the same candidate views, each candidate row read once.
 
@@ -193,7 +194,10 @@ def accumulate_shared(
     pass with that suspect alone (the chunking depends only on the shapes
     and the number of candidates), so each suspect's Stats equal, bit for
     bit, those of its own audit. One suspect's rows are held at a time:
-    memory does not grow with the number of suspects."""
+    memory does not grow with the number of suspects. With `keep` (a list to
+    fill), the first `keep_rows(...)` rows of the first chunk of the reference
+    candidate and of every suspect are copied into it: the sample relations.py
+    compares the suspects on, at no extra read."""
     assert _kernel is not None
     ps = _Pass(None, cands, reader, chunk_bytes, ranges, suspects)
     tols = [ps.tols(s, cands) for s in suspects]
@@ -207,12 +211,18 @@ def accumulate_shared(
             cx = [np.frombuffer(m, dtype=np.uint16) for m in cmv]  # type: ignore[arg-type]
         else:
             cx = ps.load(cands, r0, r1, 0, first=1)
+        sample = keep is not None and i == 0
+        if sample:
+            n = min(r1 - r0, keep_rows(ps.cols, len(suspects))) * ps.cols
+            keep.append(cx[0][:n].copy())  # type: ignore[union-attr]
         for j, s in enumerate(suspects):
             if mapped:
                 smv = [reader.map_rows(s, r0, r1)]
                 sx = [np.frombuffer(smv[0], dtype=np.uint16)]  # type: ignore[arg-type]
             else:
                 sx = ps.load([s], r0, r1, 0)
+            if sample:
+                keep.append(sx[0][:n].copy())  # type: ignore[union-attr]
             parts = ps.pieces(sx + cx, r0, r1)
             if threads > 1:
                 results[j] += list(_kernel_pool(threads).map(lambda part, t=tols[j]: ps.fit(part, t), parts))
@@ -244,6 +254,13 @@ def stats_of_arrays(xs: list[np.ndarray], order: list[str], tols: np.ndarray, co
     assert _kernel is not None
     fn = _kernel.accumulate_bf16 if xs[0].dtype == np.uint16 else _kernel.accumulate_f32
     return totals_of([fit_piece(fn, xs, tols, cols)], order, cols)
+
+
+def keep_rows(cols: int, n_suspects: int) -> int:
+    """Rows of each suspect kept for the relations (relations.relation_elements of them)."""
+    from lineage.relations import relation_elements
+
+    return max(1, relation_elements(n_suspects) // cols)
 
 
 def _unmap(reader: Reader, views: list, mvs: list, r0: int, r1: int, last: bool) -> None:

@@ -29,10 +29,12 @@ def accumulate(views: list, order: list[str], reader: Reader, chunk_bytes: int, 
 
 
 def accumulate_shared(
-    suspects: list, cands: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str
+    suspects: list, cands: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str, keep: list | None = None
 ) -> list[Stats]:
     """Several suspects against the same candidate views: each candidate chunk is read
-    (and moved to `device`) once, then every suspect's rows are fitted against it."""
+    (and moved to `device`) once, then every suspect's rows are fitted against it.
+    `keep`: as kernel.accumulate_shared (the reference's and each suspect's first rows,
+    as float32 arrays)."""
     import torch  # only this engine needs it: workers on the kernel path never import torch
 
     cols = cands[0].cols
@@ -49,12 +51,20 @@ def accumulate_shared(
                 "tols": [view_tolerance(s.dtype, v.dtype) for v in cands],
             }
         )
-    for r0, r1 in chunks(ranges, rows_per_chunk([cands[0], *cands], chunk_bytes)):
+    for i, (r0, r1) in enumerate(chunks(ranges, rows_per_chunk([cands[0], *cands], chunk_bytes))):
         ps = [decoded(reader, v, r0, r1).reshape(-1).to(device) for v in cands]
         cbad = [x.numel() - int(torch.isfinite(x).sum()) for x in ps]
         ref = ps[0].to(torch.float64)
+        sample = keep is not None and i == 0
+        if sample:
+            from lineage.engines.kernel import keep_rows
+
+            n = min(r1 - r0, keep_rows(cols, len(suspects))) * cols
+            keep.append(ps[0][:n].float().cpu().numpy().copy())  # type: ignore[union-attr]
         for s, a in zip(suspects, acc):
             sx = decoded(reader, s, r0, r1).reshape(-1).to(device)
+            if sample:
+                keep.append(sx[:n].float().cpu().numpy().copy())  # type: ignore[union-attr]
             st = a["st"]
             if count_nonfinite(st, order, [sx.numel() - int(torch.isfinite(sx).sum()), *cbad]):
                 continue
