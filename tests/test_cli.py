@@ -96,3 +96,18 @@ def test_broken_suspect_does_not_block_the_others(tmp_path):
         .fetchall()
     )
     assert rows == [("broken", "inconclusive"), ("good", "identical")]
+
+
+def test_rerun_of_a_finished_audit_never_starts_ray(demo_root, tmp_path):
+    """The first run starts an embedded Ray while it plans; a rerun that finds every row
+    written (and no refiner's work to do) decides from the dataset without Ray."""
+    out = tmp_path / "o"
+    args = (f"demo_cache={demo_root.parent}", f"output_dir={out}", "compute.num_cpus=1")
+    first = audit(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "fit: units" in first.stdout
+    again = audit(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming: 55 of 55 tensors" in again.stdout and "fit: units" not in again.stdout
+    assert "waiting for ray 0.00s" in again.stdout
+    assert first.stdout.split("rio-mini  blend")[1].splitlines()[0] == again.stdout.split("rio-mini  blend")[1].splitlines()[0]
