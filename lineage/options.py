@@ -16,10 +16,12 @@ MB = 1 << 20
 @dataclass(frozen=True)
 class FitOptions:
     #: `fit.chunk_mb`: the working memory of one read, in bytes. An engine
-    #: sizes its reads so that its buffers stay within it: the torch engine's
-    #: float64 columns, the C kernel's raw input bytes (which it also caps at
-    #: engines.kernel.KERNEL_CHUNK, 16 MiB, below which larger reads gain
-    #: nothing). Peak worker memory follows this number, not the model.
+    #: sizes its reads so that its buffers stay within it for up to nine
+    #: sides (a suspect and the kernel's eight candidates): the torch
+    #: engine's float64 columns, the C kernel's input (which it also caps at
+    #: engines.kernel.KERNEL_VIEW_ELEMENTS per side, 2-4 MiB, past which
+    #: larger reads gain nothing). Peak worker memory follows this number,
+    #: not the model; results do not depend on it beyond the last bits.
     chunk_bytes: int = 64 * MB
     #: `fit.sample_fraction`: the fraction of each tensor's row blocks read.
     sample_fraction: float = 1.0

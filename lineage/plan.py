@@ -69,34 +69,43 @@ class Unit:
         return sum(i.nbytes for i in self.items)
 
 
-def share_key(g: Group) -> tuple:
-    """Groups with one key pair with the same candidate views and are read the same way
-    (suspect dtype, rows and columns): one read of the candidates serves them all."""
-    assert g.view is not None
-    return (tuple((s.candidate, s.view) for s in g.paired), g.view.rows, g.view.cols, g.view.dtype)
-
-
 def items_of(
     groups: list[Group | None], max_item_bytes: int, share: bool = True, sample_fraction: float | None = None
 ) -> list[Item | SharedItem]:
     """Work items for every comparable group (None: nothing to do), big ones split by rows.
 
-    With `share`, the groups of several suspects that pair with the same
-    candidate views become one SharedItem. Rows are split as for one suspect
-    (by its bytes with the candidates'), so each suspect's statistics are
-    the ones its own audit would compute."""
-    buckets: dict[tuple, list[int]] = {}
+    With `share`, the groups of several suspects for one tensor (same
+    canonical name and shape, split into the same number of row ranges)
+    become one SharedItem when their candidates' views agree wherever they
+    name the same candidate: the worker reads the union of their candidates
+    once and fits each suspect against its own. Rows are split as for one
+    suspect (by its bytes with its candidates'), so each suspect's
+    statistics are the ones its own audit would compute. `sample_fraction`:
+    rows read, when not the audit's (screening)."""
+    buckets: list[tuple[tuple, dict[str, object], list[int]]] = []
+    index: dict[tuple, list[int]] = {}
     for gid, g in enumerate(groups):
         if g is None or g.status != "ok" or g.view is None:
             continue
-        key = share_key(g) if share else (gid,)
-        buckets.setdefault(key, []).append(gid)
+        rows = g.view.rows
+        parts = max(1, min(rows, math.ceil(g.nbytes / max_item_bytes)))
+        key = (g.canonical, rows, g.view.cols, parts) if share else (gid,)
+        views = {s.candidate: s.view for s in g.paired}
+        for b in index.get(key, []):
+            have = buckets[b][1]
+            if all(have.get(n, v) == v for n, v in views.items()):
+                have.update(views)
+                buckets[b][2].append(gid)
+                break
+        else:
+            index.setdefault(key, []).append(len(buckets))
+            buckets.append((key, dict(views), [gid]))
     out: list[Item | SharedItem] = []
-    for gids in buckets.values():
+    for _, views, gids in buckets:
         g = groups[gids[0]]
         assert g is not None and g.view is not None
         nb, rows = g.nbytes, g.view.rows
-        total = nb + sum(groups[i].view.nbytes for i in gids[1:])  # type: ignore[union-attr]
+        total = sum(v.nbytes for v in views.values()) + sum(groups[i].view.nbytes for i in gids)  # type: ignore[union-attr]
         parts = max(1, min(rows, math.ceil(nb / max_item_bytes)))
         cuts = [rows * k // parts for k in range(parts + 1)]
         for k in range(parts):

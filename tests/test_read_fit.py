@@ -271,7 +271,7 @@ def test_threads_and_memory_maps_do_not_change_the_result(tmp_path, monkeypatch)
     or copies them; every variant adds the same pieces in the same order: equal bit for bit."""
     if K._kernel is None:
         pytest.skip("lineage._kernel not built")
-    monkeypatch.setattr(K, "KERNEL_CHUNK", 1 << 16)  # many pieces, rows of 300 columns
+    monkeypatch.setattr(K, "KERNEL_VIEW_ELEMENTS", 1 << 13)  # many pieces, rows of 300 columns
     base = torch.randn(999, 300)
     xs = [(base + 0.05 * i * torch.randn(999, 300)).to(torch.bfloat16) for i in range(3)]
     g = _group(tmp_path, xs[0], xs[1:])

@@ -37,44 +37,42 @@ def accumulate_shared(
     engine: str = "auto",
     keep: list | None = None,
 ) -> list[Stats]:
-    """Stats of several suspects' groups that pair with the same candidate views, reading
-    each candidate row once. Each Stats equals, bit for bit, what `accumulate` gives for
-    that group alone, `bytes_read` included (the candidates' bytes counted for each).
-    `keep`: filled with the reference candidate's and each suspect's leading rows, the
-    sample the suspects are compared with each other on (relations.py)."""
+    """Stats of several suspects' groups of one tensor, each against its own paired
+    candidates, reading each candidate row once (the union of the candidates is read,
+    each suspect fitted against its own). Each Stats equals, bit for bit, what
+    `accumulate` gives for that group alone, `bytes_read` included (what its own audit
+    reads). `keep`: filled with the first candidate's and each suspect's leading rows,
+    the sample the suspects are compared with each other on (relations.py)."""
     from lineage.engines import kernel
 
     g0 = groups[0]
     assert g0.view is not None
-    if len(groups) == 1:
+    if len(groups) == 1 and keep is None:
         return [accumulate(g0, reader, opts, rows, engine)]
     a, b = rows if rows is not None else (0, g0.view.rows)
     ranges = sample_ranges(a, b, block_rows(g0.view.cols), opts.sample_fraction, g0.tensor)
-    order = column_order(g0, opts.base)
-    cands = [next(s.view for s in g0.paired if s.candidate == c) for c in order]
+    orders = [column_order(g, opts.base) for g in groups]
+    union: list[str] = list(dict.fromkeys(n for o in orders for n in o))
+    views = {s.candidate: s.view for g in groups for s in g.paired}
+    cands = [views[n] for n in union]
+    subsets = [[union.index(n) for n in o] for o in orders]
     suspects = [g.view for g in groups]
-    use_kernel = engine == "kernel" or (engine == "auto" and opts.device == "cpu" and kernel.applies([suspects[0], *cands]))
-    use_kernel = use_kernel and all(kernel.applies([s, *cands]) for s in suspects)
-    before = reader.bytes_read
+    use_kernel = engine == "kernel" or (engine == "auto" and opts.device == "cpu")
+    use_kernel = use_kernel and all(kernel.applies([s, *(cands[j] for j in sub)]) for s, sub in zip(suspects, subsets))
     if use_kernel:
-        out = kernel.accumulate_shared(suspects, cands, order, reader, opts.chunk_bytes, ranges, opts.threads, keep=keep)
+        out, read = kernel.accumulate_shared(
+            suspects, cands, subsets, orders, reader, opts.chunk_bytes, ranges, opts.threads, keep=keep
+        )
     else:
         from lineage.engines import torch_engine
 
-        out = torch_engine.accumulate_shared(suspects, cands, order, reader, opts.chunk_bytes, ranges, opts.device, keep=keep)
-    own = [sum(_bytes(v, r0, r1) for r0, r1 in ranges) for v in suspects]
-    shared = reader.bytes_read - before - sum(own)
-    for st, n in zip(out, own):
-        st.bytes_read = shared + n
+        out, read = torch_engine.accumulate_shared(
+            suspects, cands, subsets, orders, reader, opts.chunk_bytes, ranges, opts.device, keep=keep
+        )
+    n = len(suspects)
+    for k, (st, sub) in enumerate(zip(out, subsets)):
+        st.bytes_read = read[k] + sum(read[n + j] for j in sub)  # what its own audit reads
     return out
-
-
-def _bytes(view, a: int, b: int) -> int:
-    """Stored bytes of rows [a, b) of a view."""
-    from lineage.dtypes import DTYPES
-    from lineage.geometry import pieces
-
-    return sum((r1 - r0) * seg.cols * DTYPES[seg.dtype].itemsize for seg, r0, r1 in pieces(view, a, b))
 
 
 def accumulate(

@@ -32,12 +32,17 @@ except ImportError:  # pragma: no cover - built without a C compiler
     _kernel = None
 
 
-#: Bytes of raw input per read, all sides together. Each read goes to the
-#: kernel as KERNEL_SPLIT row pieces of about 8 MiB: large enough that the
-#: per-piece Python work (buffers, maps, the call) is noise, and the same
-#: pieces whatever the thread count, so the order of float64 additions (and
-#: the result) does not depend on how many threads ran them.
-KERNEL_CHUNK = 16 << 20
+#: Elements per side per read (2 MiB of BF16, 4 MiB of float32). Each read goes
+#: to the kernel as KERNEL_SPLIT row pieces: large enough that the per-piece
+#: Python work (buffers, maps, the call) is noise, and the same pieces whatever
+#: the thread count, the number of candidates in the call and their dtypes, so
+#: the order of float64 additions (and the result) depends on none of them: a
+#: suspect fitted in a bulk audit against a subset of the candidates read gets
+#: the bits its own audit gets.
+KERNEL_VIEW_ELEMENTS = 1 << 20
+#: Sides the `fit.chunk_mb` budget is shared between when it is smaller
+#: (a suspect and up to the kernel's eight candidates).
+KERNEL_SIDES = 9
 KERNEL_SPLIT = 2
 #: Chunks mapped ahead of the one being finished, so kernel threads never wait for each other.
 AHEAD = 2
@@ -69,8 +74,7 @@ class _Pass:
         views = [*(suspects or [suspect]), *cands]
         self.k, self.cols = len(cands), cands[0].cols
         self.raw = _raw_bf16(views)
-        itemsize = 2 if self.raw else 4
-        self.step = max(1, min(chunk_bytes, KERNEL_CHUNK) // (self.cols * itemsize * (self.k + 1)))
+        self.step = step_rows(self.cols, chunk_bytes)
         self.fn = _kernel.accumulate_bf16 if self.raw else _kernel.accumulate_f32
         self.reader = reader
         self.work = chunks(ranges, self.step)
@@ -176,65 +180,96 @@ def accumulate(
     return totals_of(results, order, ps.cols)
 
 
+def step_rows(cols: int, chunk_bytes: int) -> int:
+    """Rows per read: KERNEL_VIEW_ELEMENTS per side, less when `fit.chunk_mb` is smaller."""
+    return max(1, min(KERNEL_VIEW_ELEMENTS, chunk_bytes // (4 * KERNEL_SIDES)) // cols)
+
+
+def _rows_of(reader: Reader, v, r0: int, r1: int, slot: int, mappable: bool) -> tuple[np.ndarray, memoryview | None]:
+    """Rows [r0, r1) of one view as kernel input: BF16 bits in place in the page cache
+    (returning the map to release), BF16 bits read into a reused buffer, or float32."""
+    if _raw_bf16([v]):
+        if mappable:
+            m = reader.map_rows(v, r0, r1)
+            return np.frombuffer(m, dtype=np.uint16), m  # type: ignore[arg-type]
+        buf = reader.scratch(slot, (r1 - r0) * v.cols * 2)
+        return np.frombuffer(reader.read_raw(v, r0, r1, buf), dtype=np.uint16), None
+    x = as_float32(reader, v, r0, r1)
+    return (x if x is not None else decoded(reader, v, r0, r1).reshape(-1).numpy()), None
+
+
+def _as_f32(x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.uint32) << 16).view(np.float32) if x.dtype == np.uint16 else x
+
+
 def accumulate_shared(
     suspects: list,
     cands: list,
-    order: list[str],
+    subsets: list[list[int]],
+    orders: list[list[str]],
     reader: Reader,
     chunk_bytes: int,
     ranges,
     threads: int = 1,
     mmap_ok: bool = True,
     keep: list | None = None,
-) -> list[Stats]:
-    """Several suspects against the same candidate views, each candidate row read once.
+) -> tuple[list[Stats], list[int]]:
+    """Several suspects, each against its own subset of the same candidates, every
+    candidate row read once.
 
     The candidates' rows of a chunk are loaded (or mapped) once; then each
-    suspect's rows in turn, fitted against them in the same pieces as a
-    pass with that suspect alone (the chunking depends only on the shapes
-    and the number of candidates), so each suspect's Stats equal, bit for
-    bit, those of its own audit. One suspect's rows are held at a time:
-    memory does not grow with the number of suspects. With `keep` (a list to
-    fill), the first `keep_rows(...)` rows of the first chunk of the reference
-    candidate and of every suspect are copied into it: the sample relations.py
-    compares the suspects on, at no extra read."""
+    suspect's rows in turn, fitted against its candidates (`subsets[k]`,
+    indices into `cands`, in its column order `orders[k]`) in the same
+    pieces as its own audit (the chunking depends only on the shapes), so
+    each suspect's Stats equal, bit for bit, those of its own audit. One
+    suspect's rows are held at a time: memory does not grow with their
+    number. With `keep` (a list to fill), the first rows of the first chunk
+    of cands[0] and of every suspect are copied into it, the sample
+    relations.py compares the suspects on, at no extra read. Also returns
+    the bytes read per view (suspects, then candidates)."""
     assert _kernel is not None
-    ps = _Pass(None, cands, reader, chunk_bytes, ranges, suspects)
-    tols = [ps.tols(s, cands) for s in suspects]
+    cols = cands[0].cols
+    work = chunks(ranges, step_rows(cols, chunk_bytes))
+    tols = [np.array([view_tolerance(s.dtype, cands[j].dtype) for j in sub]) for s, sub in zip(suspects, subsets)]
+    can_map = [mmap_ok and len(v.segments) == 1 and reader.mappable(v) for v in [*suspects, *cands]]
+    read = [0] * (len(suspects) + len(cands))
     results: list[list] = [[] for _ in suspects]
-    mapped = ps.raw and mmap_ok and all(len(v.segments) == 1 and reader.mappable(v) for v in [*suspects, *cands])
-    work = ps.work
+
+    def load(k: int, v, r0: int, r1: int) -> tuple[np.ndarray, memoryview | None]:
+        before = reader.bytes_read
+        x, m = _rows_of(reader, v, r0, r1, 2 * k, can_map[k])
+        read[k] += reader.bytes_read - before
+        return x, m
+
     for i, (r0, r1) in enumerate(work):
         last = i == len(work) - 1 or work[i + 1][0] != r1
-        if mapped:
-            cmv = [reader.map_rows(v, r0, r1) for v in cands]
-            cx = [np.frombuffer(m, dtype=np.uint16) for m in cmv]  # type: ignore[arg-type]
-        else:
-            cx = ps.load(cands, r0, r1, 0, first=1)
-        sample = keep is not None and i == 0
-        if sample:
-            n = min(r1 - r0, keep_rows(ps.cols, len(suspects))) * ps.cols
-            keep.append(cx[0][:n].copy())  # type: ignore[union-attr]
-        for j, s in enumerate(suspects):
-            if mapped:
-                smv = [reader.map_rows(s, r0, r1)]
-                sx = [np.frombuffer(smv[0], dtype=np.uint16)]  # type: ignore[arg-type]
-            else:
-                sx = ps.load([s], r0, r1, 0)
-            if sample:
-                keep.append(sx[0][:n].copy())  # type: ignore[union-attr]
-            parts = ps.pieces(sx + cx, r0, r1)
+        loaded = [load(len(suspects) + j, v, r0, r1) for j, v in enumerate(cands)]
+        cx = [x for x, _ in loaded]
+        n = min(r1 - r0, keep_rows(cols, len(suspects))) * cols
+        if keep is not None and i == 0:
+            keep.append(cx[0][:n].copy())
+        for k, s in enumerate(suspects):
+            sx, sm = load(k, s, r0, r1)
+            if keep is not None and i == 0:
+                keep.append(sx[:n].copy())
+            xs = [sx] + [cx[j] for j in subsets[k]]
+            if any(x.dtype != np.uint16 for x in xs):  # a call mixing BF16 bits with float32: all as float32 (same bits)
+                xs = [_as_f32(x) for x in xs]
+            fn = _kernel.accumulate_bf16 if xs[0].dtype == np.uint16 else _kernel.accumulate_f32
+            cuts = [r0 + (r1 - r0) * q // KERNEL_SPLIT for q in range(KERNEL_SPLIT + 1)]
+            parts = [[x[(a - r0) * cols : (b - r0) * cols] for x in xs] for a, b in zip(cuts, cuts[1:]) if b > a]
             if threads > 1:
-                results[j] += list(_kernel_pool(threads).map(lambda part, t=tols[j]: ps.fit(part, t), parts))
+                results[k] += list(_kernel_pool(threads).map(lambda part, t=tols[k], f=fn: fit_piece(f, part, t, cols), parts))
             else:
-                results[j] += [ps.fit(part, tols[j]) for part in parts]
-            del sx, parts
-            if mapped:
-                _unmap(reader, [s], smv, r0, r1, last)
+                results[k] += [fit_piece(fn, part, tols[k], cols) for part in parts]
+            del sx, xs, parts
+            if sm is not None:
+                _unmap(reader, [s], [sm], r0, r1, last)
         del cx
-        if mapped:
-            _unmap(reader, cands, cmv, r0, r1, last)
-    return [totals_of(r, order, ps.cols) for r in results]
+        for v, (_, m) in zip(cands, loaded):
+            if m is not None:
+                _unmap(reader, [v], [m], r0, r1, last)
+    return [totals_of(r, orders[k], cols) for k, r in enumerate(results)], read
 
 
 def fit_piece(fn, xs: list[np.ndarray], tols: np.ndarray, cols: int) -> tuple | list[np.ndarray]:

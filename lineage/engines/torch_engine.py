@@ -16,31 +16,46 @@ from lineage.reader import Reader
 from lineage.sampling import chunks
 from lineage.stats import Stats
 
+#: Sides the float64 working set is sized for, whatever the call has (so the rows
+#: per read, and with them the order of additions, do not depend on it).
+SIDES = 10
+
 
 def rows_per_chunk(views: list, chunk_bytes: int) -> int:
     """Rows per read so the float64 working set (differences and products) stays under `chunk_bytes`."""
-    per_row = views[0].cols * 8 * (len(views) + 1) * 2
+    per_row = views[0].cols * 8 * SIDES * 2
     return max(1, chunk_bytes // per_row)
 
 
 def accumulate(views: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str) -> Stats:
     """Stats of `views` (suspect first, then `order`) over `ranges`, in float64 on `device`."""
-    return accumulate_shared([views[0]], views[1:], order, reader, chunk_bytes, ranges, device)[0]
+    idx = list(range(len(views) - 1))
+    return accumulate_shared([views[0]], views[1:], [idx], [order], reader, chunk_bytes, ranges, device)[0][0]
 
 
 def accumulate_shared(
-    suspects: list, cands: list, order: list[str], reader: Reader, chunk_bytes: int, ranges, device: str, keep: list | None = None
-) -> list[Stats]:
-    """Several suspects against the same candidate views: each candidate chunk is read
-    (and moved to `device`) once, then every suspect's rows are fitted against it.
-    `keep`: as kernel.accumulate_shared (the reference's and each suspect's first rows,
-    as float32 arrays)."""
+    suspects: list,
+    cands: list,
+    subsets: list[list[int]],
+    orders: list[list[str]],
+    reader: Reader,
+    chunk_bytes: int,
+    ranges,
+    device: str,
+    keep: list | None = None,
+) -> tuple[list[Stats], list[int]]:
+    """Several suspects, each against its subset of the same candidate views (see
+    kernel.accumulate_shared): each candidate chunk is read (and moved to `device`)
+    once, then every suspect's rows are fitted against its candidates. `keep`: the first
+    rows of cands[0] and of each suspect, as float32. Also returns the bytes read per
+    view (suspects, then candidates)."""
     import torch  # only this engine needs it: workers on the kernel path never import torch
 
     cols = cands[0].cols
-    m = len(order) + 1
+    read = [0] * (len(suspects) + len(cands))
     acc = []
-    for s in suspects:
+    for s, sub, order in zip(suspects, subsets, orders):
+        m = len(order) + 1
         acc.append(
             {
                 "st": Stats(order, cols=cols),
@@ -48,41 +63,48 @@ def accumulate_shared(
                 "gram": torch.zeros(m, m, dtype=torch.float64),
                 "sums": torch.zeros(m, dtype=torch.float64),
                 "rowgram": torch.zeros(m, m, dtype=torch.float64),
-                "tols": [view_tolerance(s.dtype, v.dtype) for v in cands],
+                "tols": [view_tolerance(s.dtype, cands[j].dtype) for j in sub],
             }
         )
-    for i, (r0, r1) in enumerate(chunks(ranges, rows_per_chunk([cands[0], *cands], chunk_bytes))):
-        ps = [decoded(reader, v, r0, r1).reshape(-1).to(device) for v in cands]
-        cbad = [x.numel() - int(torch.isfinite(x).sum()) for x in ps]
-        ref = ps[0].to(torch.float64)
-        sample = keep is not None and i == 0
-        if sample:
+
+    def load(k: int, v, r0: int, r1: int):
+        before = reader.bytes_read
+        x = decoded(reader, v, r0, r1).reshape(-1).to(device)
+        read[k] += reader.bytes_read - before
+        return x
+
+    for i, (r0, r1) in enumerate(chunks(ranges, rows_per_chunk(cands, chunk_bytes))):
+        cx = [load(len(suspects) + j, v, r0, r1) for j, v in enumerate(cands)]
+        cbad = [x.numel() - int(torch.isfinite(x).sum()) for x in cx]
+        if keep is not None and i == 0:
             from lineage.engines.kernel import keep_rows
 
             n = min(r1 - r0, keep_rows(cols, len(suspects))) * cols
-            keep.append(ps[0][:n].float().cpu().numpy().copy())  # type: ignore[union-attr]
-        for s, a in zip(suspects, acc):
-            sx = decoded(reader, s, r0, r1).reshape(-1).to(device)
-            if sample:
-                keep.append(sx[:n].float().cpu().numpy().copy())  # type: ignore[union-attr]
-            st = a["st"]
-            if count_nonfinite(st, order, [sx.numel() - int(torch.isfinite(sx).sum()), *cbad]):
+            keep.append(cx[0][:n].float().cpu().numpy().copy())
+        for k, (s, sub, a) in enumerate(zip(suspects, subsets, acc)):
+            sx = load(k, s, r0, r1)
+            if keep is not None and i == 0:
+                keep.append(sx[:n].float().cpu().numpy().copy())
+            st, ps = a["st"], [cx[j] for j in sub]
+            m = len(ps) + 1
+            if count_nonfinite(st, st.order, [sx.numel() - int(torch.isfinite(sx).sum()), *[cbad[j] for j in sub]]):
                 continue
+            ref = ps[0].to(torch.float64)
             y = torch.empty(sx.numel(), m, dtype=torch.float64, device=device)
             y[:, 0] = ref
             for j, p in enumerate(ps[1:], start=1):
                 torch.sub(p.to(torch.float64), ref, out=y[:, j])
             torch.sub(sx.to(torch.float64), ref, out=y[:, m - 1])
             kept_ref = None
-            for i, p in enumerate(ps):
-                st.exact[i] += int((sx == p).sum())
+            for q, p in enumerate(ps):
+                st.exact[q] += int((sx == p).sum())
                 d = sx.to(torch.float64) - p.to(torch.float64)
-                close = d.abs() <= a["tols"][i] * p.to(torch.float64).abs()
-                st.near[i] += int(close.sum())
-                if i == 0:
+                close = d.abs() <= a["tols"][q] * p.to(torch.float64).abs()
+                st.near[q] += int(close.sum())
+                if q == 0:
                     kept_ref = close
-                else:  # y[:, i] is p_i - r
-                    st.dropped[i] += float(y[:, i][kept_ref].pow(2).sum())
+                else:  # y[:, q] is p_q - r
+                    st.dropped[q] += float(y[:, q][kept_ref].pow(2).sum())
             a["gram"] += (y.T @ y).cpu()
             a["sums"] += y.sum(0).cpu()
             by_row = y.view(-1, cols, m)
@@ -100,4 +122,4 @@ def accumulate_shared(
             a["colsum"].cpu().numpy(),
         )
         out.append(st)
-    return out
+    return out, read
