@@ -35,7 +35,7 @@ from lineage.errors import LineageError, printable
 from lineage.outdir import lock, prepare
 from lineage.output import atomic_write_bytes
 from lineage.plan import imbalance
-from lineage.report import table
+from lineage.report import render, table
 from lineage.screening import screen
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,7 +143,13 @@ def _run(s: Settings) -> list[dict]:
             f"at most {reducer.writer.max_buffered} rows buffered (flush at {s.flush_rows})"
         )
     say(f"read {(read_screening + reducer.bytes_read) / 1e9:.2f} GB; " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
-    say(f"wrote {s.output_dir}/tensors, verdicts.parquet, verdicts/*.json")
+    t = time.perf_counter()
+    try:
+        report = render(s.output_dir, s.model_set.name).name
+    except Exception as e:  # noqa: BLE001 - the report is a view of results already written: never lose them for it
+        report = "no report.html"
+        say(f"warning: report.html could not be written ({type(e).__name__}: {e}); `lineage report {s.output_dir}` retries")
+    say(f"wrote {s.output_dir}/tensors, verdicts.parquet, verdicts/*.json, {report} ({time.perf_counter() - t:.2f}s)")
     return verdicts
 
 
@@ -166,13 +172,13 @@ def error(msg: object) -> None:
     log.error(printable(msg))
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra.main(config_path=str(REPO / "conf"), config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Validate the config, run, and map every ending to one line and an exit code."""
     trap_signals()
     out = cfg.get("output_dir")
     try:
-        s = Settings.from_cfg(cfg)
+        s = Settings.from_cfg(cfg, say)
         record = {".hydra/config.yaml": OmegaConf.to_yaml(cfg, resolve=False)}
         try:
             from hydra.core.hydra_config import HydraConfig

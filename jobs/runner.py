@@ -7,6 +7,7 @@ interrupted run cancels what is in flight, so no work runs for nobody.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 
@@ -34,9 +35,8 @@ class RayRunner:
 
     def __call__(self, units: list[Unit], what: str = "refine") -> Iterator[tuple[Unit, list]]:
         pending = list(units)
-        total = sum(u.nbytes for u in units)
+        progress = Progress(what, sum(u.nbytes for u in units), sum(tensors(u) for u in units), self.say)
         in_flight: dict = {}
-        done_bytes, t0, last = 0, time.perf_counter(), 0.0
         try:
             while pending or in_flight:
                 while pending and len(in_flight) < self.max_in_flight:
@@ -47,19 +47,60 @@ class RayRunner:
                 for ref in ready:
                     u = in_flight.pop(ref)
                     self.pool.done(ref)
-                    done_bytes += u.nbytes
+                    progress.add(u.nbytes, tensors(u))
                     yield u, ray.get(ref)
-                now = time.perf_counter()
-                if now - last > PROGRESS_S or not (pending or in_flight):
-                    last = now
-                    done = len(units) - len(pending) - len(in_flight)
-                    self.say(
-                        f"{what}: units {done}/{len(units)}  {done_bytes / 1e9:.2f}/{total / 1e9:.2f} GB  "
-                        f"{done_bytes / 1e6 / max(now - t0, 1e-9):.0f} MB/s"
-                    )
+                progress.show(final=not (pending or in_flight))
         finally:
+            progress.close()
             for ref in in_flight:  # interrupted: do not leave work running for nobody
                 ray.cancel(ref, force=True)
+
+
+def tensors(u: Unit) -> int:
+    """Suspect tensors (or row ranges of them) a unit completes."""
+    return sum(len(getattr(it, "gids", (0,))) for it in u.items)
+
+
+class Progress:
+    """Bytes and tensors done, rate and ETA: a tqdm bar on a terminal, a plain line every
+    PROGRESS_S otherwise (logs of `ray job submit`, files, CI)."""
+
+    def __init__(self, what: str, total_bytes: int, total_tensors: int, say) -> None:
+        self.what, self.total, self.total_tensors, self.say = what, total_bytes, total_tensors, say
+        self.done = self.tensors = 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty() and total_bytes:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc=what, leave=False)
+
+    def add(self, nbytes: int, tensors: int) -> None:
+        self.done += nbytes
+        self.tensors += tensors
+        if self.bar is not None:
+            self.bar.update(nbytes)
+            self.bar.set_postfix_str(f"{self.tensors}/{self.total_tensors} tensors")
+
+    def show(self, final: bool = False) -> None:
+        now = time.perf_counter()
+        if self.bar is not None or not (final or now - self.last > PROGRESS_S):
+            return
+        self.last = now
+        rate = self.done / max(now - self.t0, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        self.say(
+            f"{self.what}: {self.tensors}/{self.total_tensors} tensors, {self.done / 1e9:.2f}/{self.total / 1e9:.2f} GB, "
+            f"{rate / 1e6:.0f} MB/s" + ("" if final else f", ETA {eta:.0f} s" if eta != float("inf") else ", ETA unknown")
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.say(
+                f"{self.what}: {self.tensors}/{self.total_tensors} tensors, {self.done / 1e9:.2f} GB in {time.perf_counter() - self.t0:.1f} s"
+            )
 
 
 class Workers:

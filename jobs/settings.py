@@ -55,11 +55,11 @@ class Settings:
         )
 
     @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> Settings:
+    def from_cfg(cls, cfg: DictConfig, say=None) -> Settings:
         d = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(d, dict)
         cache = d.get("demo_cache")
-        ms = ModelSet.from_dict(materialize(d["model_set"], Path(cache).expanduser() if cache else None))
+        ms = ModelSet.from_dict(materialize(d["model_set"], Path(cache).expanduser() if cache else None, say))
         fit, plan, write, comp, hub = d["fit"], d["plan"], d["write"], d["compute"], d.get("hub") or {}
         bulk = d.get("bulk") or {}
         if not isinstance(bulk.get("screen_fraction", 0.02), (int, float)) or not 0 < bulk.get("screen_fraction", 0.02) <= 1:

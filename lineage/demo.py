@@ -38,7 +38,7 @@ def default_cache() -> Path:
     return Path(os.path.expanduser("~/.cache/lineage"))
 
 
-def ensure(cache: Path | None = None) -> Path:
+def ensure(cache: Path | None = None, say=None) -> Path:
     """The folder holding the three demo models, building it on first use.
 
     Built in a temporary folder beside the target and renamed into place,
@@ -49,6 +49,8 @@ def ensure(cache: Path | None = None) -> Path:
     if (root / SENTINEL).exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
+    if say is not None:
+        say(f"building the demo models in {root} (once; a few seconds)")
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
     try:
         build(tmp)
@@ -67,12 +69,12 @@ def ensure(cache: Path | None = None) -> Path:
 SCHEME = "demo://"
 
 
-def materialize(model_set: dict, cache: Path | None = None) -> dict:
+def materialize(model_set: dict, cache: Path | None = None, say=None) -> dict:
     """The model set with every `demo://NAME` source replaced by its built folder."""
     members = [m for role in ("suspects", "candidates") for m in model_set.get(role) or [] if isinstance(m, dict)]
     if not any(str(m.get("source", "")).startswith(SCHEME) for m in members):
         return model_set
-    root = ensure(cache)
+    root = ensure(cache, say)
     out = dict(model_set)
     for role in ("suspects", "candidates"):
         out[role] = [

@@ -10,10 +10,14 @@ to seven other suspects at a time. Per pair and matrix that gives:
 
 - the relative distance and the fraction of bit-equal elements of the raw
   weights (a copy: within storage rounding everywhere);
-- the correlation of their deltas from the reference candidate, with its z
-  against the permutation null (null.py): a suspect made from another
-  (fine-tuned, merged from it) carries its delta, where two independent
-  fine-tunes of the reference share little of theirs.
+- the correlation of their deltas from the candidate both derive from (the
+  nearest such, chosen per pair from each suspect's z against every
+  candidate on the same rows), with its z against the permutation null
+  (null.py): a suspect made from another (fine-tuned, merged from it)
+  carries its delta, where two independent fine-tunes of that candidate
+  share little of theirs. Suspects that derive from no common candidate
+  are compared on their weights themselves (two fine-tunes of a model
+  outside the pool correlate; unrelated uploads do not).
 
 The reducer aggregates over matrices: `copy` when every compared matrix is
 within rounding, `derivative` when the deltas correlate at RELATION_CORR or
@@ -56,8 +60,9 @@ class RelationResult:
 
     tensor: str
     suspect: str
-    stats: Stats  # order: [reference candidate, other suspects...]
+    stats: Stats  # order: [reference candidate, other suspects...], or only other suspects when ref is None
     dtypes: dict[str, str]
+    ref: str | None = None  # the candidate both suspects derive from, if any
 
 
 def relation_elements(n_suspects: int) -> int:
@@ -68,12 +73,12 @@ def pair_metrics(r: RelationResult) -> list[tuple[str, str, dict]]:
     """(suspect, other, metrics) for each other suspect in a result."""
     st = r.stats
     f = Forms(st)
-    ref = st.order[0]
-    u = f.diff("suspect", ref)
+    ref = r.ref
+    u = f.diff("suspect", ref) if ref else f.vec("suspect")
     out = []
-    for b in st.order[1:]:
+    for b in st.order[1 if ref else 0 :]:
         sg = single(st, b)
-        v = f.diff(b, ref)
+        v = f.diff(b, ref) if ref else f.vec(b)
         n = st.n
         cov = f.dot(u, v) - f.total(u) * f.total(v) / n
         su = f.dot(u, u) - f.total(u) ** 2 / n

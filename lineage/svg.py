@@ -30,11 +30,14 @@ def _frame(title: str, body: str, w: int = W, h: int = H) -> str:
     )
 
 
-def _color(v: float | None, lo: float, hi: float) -> str:
-    """White at the middle of [lo, hi], blue below, red above; grey for missing."""
+def _color(v: float | None, lo: float, hi: float, sequential: bool = False) -> str:
+    """Diverging: white at the middle of [lo, hi], blue below, red above. Sequential:
+    white at lo to red at hi. Grey for missing."""
     if v is None or not math.isfinite(v):
         return "#dddddd"
     t = 0.0 if hi == lo else max(0.0, min(1.0, (v - lo) / (hi - lo)))
+    if sequential:
+        t = 0.5 + t / 2
     if t < 0.5:
         a = 1 - 2 * t
         return f"rgb({int(255 - 190 * a)},{int(255 - 120 * a)},255)"
@@ -43,7 +46,15 @@ def _color(v: float | None, lo: float, hi: float) -> str:
 
 
 def heatmap(
-    title: str, rows: list[str], cols: list[str], cells: dict[tuple[str, str], float], lo: float, hi: float, fmt: str = "{:.2f}"
+    title: str,
+    rows: list[str],
+    cols: list[str],
+    cells: dict[tuple[str, str], float],
+    lo: float,
+    hi: float,
+    fmt: str = "{:.2f}",
+    sequential: bool = False,
+    ylabel: str = "layer",
 ) -> str:
     """Rows x cols of colored cells with their values written in."""
     h = max(H, PAD_T + PAD_B + 22 * len(rows))
@@ -56,15 +67,16 @@ def heatmap(
         for j, c in enumerate(cols):
             x = PAD_L + j * cw
             v = cells.get((r, c))
-            out.append(
-                f'<rect x="{x:.1f}" y="{y:.1f}" width="{cw:.1f}" height="{ch:.1f}" fill="{_color(v, lo, hi)}" stroke="white"/>'
-            )
+            fill = _color(v, lo, hi, sequential)
+            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{cw:.1f}" height="{ch:.1f}" fill="{fill}" stroke="white"/>')
             if v is not None and math.isfinite(v) and ch >= 12:
                 out.append(
                     f'<text x="{x + cw / 2:.1f}" y="{y + ch / 2 + 4:.1f}" text-anchor="middle">{escape(fmt.format(v))}</text>'
                 )
     for j, c in enumerate(cols):
         out.append(f'<text x="{PAD_L + (j + 0.5) * cw:.1f}" y="{h - PAD_B + 16}" text-anchor="middle">{escape(c)}</text>')
+    mid = PAD_T + (h - PAD_T - PAD_B) / 2
+    out.append(f'<text x="16" y="{mid:.1f}" transform="rotate(-90 16 {mid:.1f})" text-anchor="middle">{escape(ylabel)}</text>')
     return _frame(title, "".join(out), h=h)
 
 

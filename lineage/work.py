@@ -18,6 +18,8 @@ import numpy as np
 from lineage.dtypes import DTYPES, view_tolerance
 from lineage.engines import accumulate, accumulate_shared
 from lineage.errors import LineageError, where
+from lineage.explain.thresholds import Z_SIG
+from lineage.fit import single
 from lineage.geometry import pieces
 from lineage.options import FitOptions
 from lineage.plan import Item, SharedItem, Unit
@@ -104,32 +106,52 @@ def _result(gid: int, g, part: int, parts: int, st: Stats) -> ItemResult:
 
 def compare_suspects(it: SharedItem, sample: list[np.ndarray], opts: FitOptions) -> list[RelationResult]:
     """The suspects of `it` against each other (relations.py) on the rows the fit kept:
-    `sample` holds the reference candidate's and then each suspect's leading rows."""
-    from lineage.engines import column_order, kernel
+    `sample` holds every candidate's leading rows, then every suspect's.
 
-    if kernel._kernel is None or len(sample) != len(it.groups) + 1:
+    Each suspect is first compared with every candidate; each pair of
+    suspects is then compared relative to the candidate both derive from
+    (the nearest such), or on their raw weights when they share none."""
+    from lineage.engines import candidate_union, kernel
+
+    union, views, _, _ = candidate_union(list(it.groups), opts.base)
+    k, n = len(union), len(it.groups)
+    if kernel._kernel is None or len(sample) != k + n:
         return []
     g0 = it.groups[0]
     assert g0.view is not None
     cols, names = g0.view.cols, [g.suspect for g in it.groups]
-    ref = column_order(g0, opts.base)[0]
-    ref_dtype = next(s.view.dtype for s in g0.paired if s.candidate == ref)  # type: ignore[union-attr]
-    data = [x if x.dtype in (np.uint16, np.float32) else x.astype(np.float32) for x in sample]
-    if len({x.dtype for x in data}) > 1:  # BF16 bits beside float32: compare all as float32
-        data = [(x.astype(np.uint32) << 16).view(np.float32) if x.dtype == np.uint16 else x for x in data]
-    dtypes = {g.suspect: g.dtype for g in it.groups}
+    dtypes = {g.suspect: g.dtype for g in it.groups} | {c: v.dtype for c, v in zip(union, views)}
+    data = dict(zip(union + names, sample))
+    if len({x.dtype for x in data.values()}) > 1:  # BF16 bits beside float32: compare all as float32 (same bits)
+        data = {key: (x.astype(np.uint32) << 16).view(np.float32) if x.dtype == np.uint16 else x for key, x in data.items()}
+    batch = kernel._kernel.MAX_CANDIDATES
+
+    def stats(a: str, others: list[str]):
+        tols = np.array([view_tolerance(dtypes[a], dtypes[o]) for o in others])
+        return kernel.stats_of_arrays([data[a]] + [data[o] for o in others], others, tols, cols)
+
+    related: dict[str, dict[str, float]] = {}  # suspect -> candidate -> rel_dist, where significantly related
+    for a in names:
+        related[a] = {}
+        for lo in range(0, k, batch):
+            st = stats(a, union[lo : lo + batch])
+            for c in union[lo : lo + batch]:
+                sg = single(st, c)
+                if sg.z >= Z_SIG:
+                    related[a][c] = sg.rel_dist
+    by_ref: dict[str | None, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for i, a in enumerate(names):
+        for b in names[:i]:
+            common = related[a].keys() & related[b].keys()
+            ref = min(common, key=lambda c: related[a][c] + related[b][c]) if common else None
+            by_ref[ref][a].append(b)
     out = []
-    batch = kernel._kernel.MAX_CANDIDATES - 1
-    for a in range(1, len(names)):
-        for lo in range(0, a, batch):
-            others = list(range(lo, min(a, lo + batch)))
-            xs = [data[1 + a], data[0]] + [data[1 + b] for b in others]
-            tols = np.array(
-                [view_tolerance(dtypes[names[a]], ref_dtype)]
-                + [view_tolerance(dtypes[names[a]], dtypes[names[b]]) for b in others]
-            )
-            st = kernel.stats_of_arrays(xs, [ref] + [names[b] for b in others], tols, cols)
-            out.append(RelationResult(g0.canonical, names[a], st, dtypes))
+    for ref, pairs in by_ref.items():
+        for a, others in pairs.items():
+            step = batch - (ref is not None)
+            for lo in range(0, len(others), step):
+                chunk = others[lo : lo + step]
+                out.append(RelationResult(g0.canonical, a, stats(a, ([ref] if ref else []) + chunk), dtypes, ref))
     return out
 
 

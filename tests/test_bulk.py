@@ -131,6 +131,7 @@ def test_every_column_is_documented_in_the_files(uploads, tmp_path):
     assert (tmp_path / "o" / "verdicts.parquet").stat().st_mode & 0o044 == 0o044  # readable by the group and others (umask 022)
 
 
+@pytest.mark.slow
 def test_pool_screening_keeps_the_parents_and_reads_a_fraction(tmp_path):
     """A pool of 12 with 2 true parents: the same verdict and weights as fitting all 12,
     reading at most 30% of the bytes that fitting all 12 reads."""

@@ -23,6 +23,8 @@ from tests.test_pipeline import settings
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+pytestmark = pytest.mark.slow  # starts Ray clusters and subprocesses: `make test-all`
+
 
 def free_port() -> int:
     with socket.socket() as s:

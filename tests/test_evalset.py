@@ -15,6 +15,8 @@ from lineage.audit import run_local
 from lineage.modelset import ModelSet
 from tests.golden import load, same
 
+pytestmark = pytest.mark.slow  # builds and audits the whole evaluation set: `make test-all`
+
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):

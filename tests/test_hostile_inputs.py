@@ -221,6 +221,7 @@ def test_model_set_named_like_a_path_writes_nothing_outside(tmp_path, small):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a", "c", "conf", "s"] and not list(work.iterdir())
 
 
+@pytest.mark.slow
 def test_tensor_names_with_control_characters_are_printed_escaped(tmp_path, small):
     cand, _ = small
     evil = "w\n\x1b[31mlineage: error: forged"

@@ -135,7 +135,7 @@ def test_blend_recovers_weights_of_near_collinear_parents(tmp_path):
     b = blend(st)
     assert abs(b.weights["p1"] - 0.57) < 1e-9 and abs(b.weights["p0"] - 0.43) < 1e-9
     assert b.cond < 2 and b.raw_cond > 1e3
-    assert b.residual_rel < 1e-9 and b.r2 > 1 - 1e-12
+    assert b.residual_rel < 1e-8 and b.r2 > 1 - 1e-12  # the float64 floor of a Gram-based residual (sqrt eps x |s - b| / |s|)
     # the standard error of an exact fit is ~0; with BF16 storage it reflects the rounding
     st16 = _stats(tmp_path, s.to(torch.bfloat16).float(), [base.float(), ft.float()])
     b16 = blend(st16)

@@ -71,6 +71,7 @@ def test_other_audit_in_output_dir_is_refused(demo_root, tmp_path):
         run_local(other, tmp_path / "o")
 
 
+@pytest.mark.slow
 def test_killed_driver_resumes(demo_root, tmp_path):
     """SIGKILL the real job once rows are on disk; the rerun completes the same dataset."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}

@@ -29,6 +29,15 @@ def column_order(group: Group, base: str | None) -> list[str]:
     return names
 
 
+def candidate_union(groups: list[Group], base: str | None) -> tuple[list[str], list, list[list[int]], list[list[str]]]:
+    """(names, views) of every candidate any of `groups` pairs with, each group's indices
+    into them in its column order, and those orders."""
+    orders = [column_order(g, base) for g in groups]
+    union: list[str] = list(dict.fromkeys(n for o in orders for n in o))
+    views = {s.candidate: s.view for g in groups for s in g.paired}
+    return union, [views[n] for n in union], [[union.index(n) for n in o] for o in orders], orders
+
+
 def accumulate_shared(
     groups: list[Group],
     reader: Reader,
@@ -51,11 +60,7 @@ def accumulate_shared(
         return [accumulate(g0, reader, opts, rows, engine)]
     a, b = rows if rows is not None else (0, g0.view.rows)
     ranges = sample_ranges(a, b, block_rows(g0.view.cols), opts.sample_fraction, g0.tensor)
-    orders = [column_order(g, opts.base) for g in groups]
-    union: list[str] = list(dict.fromkeys(n for o in orders for n in o))
-    views = {s.candidate: s.view for g in groups for s in g.paired}
-    cands = [views[n] for n in union]
-    subsets = [[union.index(n) for n in o] for o in orders]
+    union, cands, subsets, orders = candidate_union(groups, opts.base)
     suspects = [g.view for g in groups]
     use_kernel = engine == "kernel" or (engine == "auto" and opts.device == "cpu")
     use_kernel = use_kernel and all(kernel.applies([s, *(cands[j] for j in sub)]) for s, sub in zip(suspects, subsets))

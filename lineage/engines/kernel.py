@@ -224,8 +224,8 @@ def accumulate_shared(
     each suspect's Stats equal, bit for bit, those of its own audit. One
     suspect's rows are held at a time: memory does not grow with their
     number. With `keep` (a list to fill), the first rows of the first chunk
-    of cands[0] and of every suspect are copied into it, the sample
-    relations.py compares the suspects on, at no extra read. Also returns
+    of every candidate, then of every suspect, are copied into it: the
+    sample relations.py compares the suspects on, at no extra read. Also returns
     the bytes read per view (suspects, then candidates)."""
     assert _kernel is not None
     cols = cands[0].cols
@@ -247,7 +247,7 @@ def accumulate_shared(
         cx = [x for x, _ in loaded]
         n = min(r1 - r0, keep_rows(cols, len(suspects))) * cols
         if keep is not None and i == 0:
-            keep.append(cx[0][:n].copy())
+            keep.extend(x[:n].copy() for x in cx)
         for k, s in enumerate(suspects):
             sx, sm = load(k, s, r0, r1)
             if keep is not None and i == 0:

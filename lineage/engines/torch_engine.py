@@ -80,7 +80,7 @@ def accumulate_shared(
             from lineage.engines.kernel import keep_rows
 
             n = min(r1 - r0, keep_rows(cols, len(suspects))) * cols
-            keep.append(cx[0][:n].float().cpu().numpy().copy())
+            keep.extend(x[:n].float().cpu().numpy().copy() for x in cx)
         for k, (s, sub, a) in enumerate(zip(suspects, subsets, acc)):
             sx = load(k, s, r0, r1)
             if keep is not None and i == 0:
