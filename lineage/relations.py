@@ -10,14 +10,16 @@ to seven other suspects at a time. Per pair and matrix that gives:
 
 - the relative distance and the fraction of bit-equal elements of the raw
   weights (a copy: within storage rounding everywhere);
-- the correlation of their deltas from the candidate both derive from (the
-  nearest such, chosen per pair from each suspect's z against every
-  candidate on the same rows), with its z against the permutation null
-  (null.py): a suspect made from another (fine-tuned, merged from it)
-  carries its delta, where two independent fine-tunes of that candidate
-  share little of theirs. Suspects that derive from no common candidate
-  are compared on their weights themselves (two fine-tunes of a model
-  outside the pool correlate; unrelated uploads do not).
+- the correlation of what the candidates they both derive from do not
+  explain of them (each suspect's residual after its least-squares fit on
+  those candidates' affine span; the candidates chosen from each suspect's
+  z against every candidate on the same rows), with its z against the
+  permutation null (null.py): a suspect made from another (fine-tuned,
+  merged from it) carries its residual, where two independent fine-tunes
+  of one candidate, or two blends of the same candidates, share none of
+  theirs. Suspects that derive from no common candidate are compared on
+  their weights themselves (two fine-tunes of a model outside the pool
+  correlate; unrelated uploads do not).
 
 The reducer aggregates over matrices: `copy` when every compared matrix is
 within rounding, `derivative` when the deltas correlate at RELATION_CORR or
@@ -60,9 +62,9 @@ class RelationResult:
 
     tensor: str
     suspect: str
-    stats: Stats  # order: [reference candidate, other suspects...], or only other suspects when ref is None
+    stats: Stats  # order: [the basis candidates..., other suspects...]
     dtypes: dict[str, str]
-    ref: str | None = None  # the candidate both suspects derive from, if any
+    basis: list[str] = field(default_factory=list)  # the candidates both suspects derive from
 
 
 def relation_elements(n_suspects: int) -> int:
@@ -73,12 +75,12 @@ def pair_metrics(r: RelationResult) -> list[tuple[str, str, dict]]:
     """(suspect, other, metrics) for each other suspect in a result."""
     st = r.stats
     f = Forms(st)
-    ref = r.ref
-    u = f.diff("suspect", ref) if ref else f.vec("suspect")
+    basis = r.basis
+    u = unexplained(f, "suspect", basis)
     out = []
-    for b in st.order[1 if ref else 0 :]:
+    for b in st.order[len(basis) :]:
         sg = single(st, b)
-        v = f.diff(b, ref) if ref else f.vec(b)
+        v = unexplained(f, b, basis)
         n = st.n
         cov = f.dot(u, v) - f.total(u) * f.total(v) / n
         su = f.dot(u, u) - f.total(u) ** 2 / n
@@ -120,6 +122,24 @@ PAIR_SCHEMA = with_docs(
     "pairs",
 )
 PAIRS = "pairs"
+
+
+def unexplained(f: Forms, who: str, basis: list[str]) -> np.ndarray:
+    """Coefficients (over the stored columns) of what the affine span of the `basis`
+    candidates does not explain of `who`: `who - c1` minus its least-squares fit on
+    `c_j - c1`. With no basis, `who` itself; with one, its delta from it."""
+    if not basis:
+        return f.vec(who)
+    u = f.diff(who, basis[0])
+    if len(basis) == 1:
+        return u
+    X = np.stack([f.diff(c, basis[0]) for c in basis[1:]], axis=1)
+    A = X.T @ f.g @ X
+    try:
+        beta = np.linalg.solve(A, X.T @ f.g @ u)
+    except np.linalg.LinAlgError:
+        beta = np.linalg.lstsq(A, X.T @ f.g @ u, rcond=None)[0]
+    return u - X @ beta
 
 
 @dataclass

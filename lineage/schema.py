@@ -106,7 +106,7 @@ DOCS: dict[str, dict[str, str]] = {
         "rel_dist": "|a - b| / |a| on the sampled rows",
         "exact_frac": "fraction of bit-equal elements",
         "within_rounding": "rel_dist within the storage rounding of the two dtypes",
-        "delta_corr": "correlation of a - r and b - r, r the candidate both derive from; of a and b when they share none",
+        "delta_corr": "correlation of what the candidates both derive from do not explain of a and of b (of a and b when none)",
         "delta_z": "that covariance in standard deviations of its permutation null",
     },
 }

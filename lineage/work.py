@@ -109,8 +109,9 @@ def compare_suspects(it: SharedItem, sample: list[np.ndarray], opts: FitOptions)
     `sample` holds every candidate's leading rows, then every suspect's.
 
     Each suspect is first compared with every candidate; each pair of
-    suspects is then compared relative to the candidate both derive from
-    (the nearest such), or on their raw weights when they share none."""
+    suspects is then compared on what the candidates both derive from do
+    not explain (relations.pair_metrics), or on their raw weights when they
+    share none."""
     from lineage.engines import candidate_union, kernel
 
     union, views, _, _ = candidate_union(list(it.groups), opts.base)
@@ -139,19 +140,18 @@ def compare_suspects(it: SharedItem, sample: list[np.ndarray], opts: FitOptions)
                 sg = single(st, c)
                 if sg.z >= Z_SIG:
                     related[a][c] = sg.rel_dist
-    by_ref: dict[str | None, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    by_basis: dict[tuple[str, ...], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for i, a in enumerate(names):
         for b in names[:i]:
-            common = related[a].keys() & related[b].keys()
-            ref = min(common, key=lambda c: related[a][c] + related[b][c]) if common else None
-            by_ref[ref][a].append(b)
+            common = sorted(related[a].keys() & related[b].keys(), key=lambda c: related[a][c] + related[b][c])
+            by_basis[tuple(common[: batch - 1])][a].append(b)
     out = []
-    for ref, pairs in by_ref.items():
+    for basis, pairs in by_basis.items():
         for a, others in pairs.items():
-            step = batch - (ref is not None)
+            step = batch - len(basis)
             for lo in range(0, len(others), step):
                 chunk = others[lo : lo + step]
-                out.append(RelationResult(g0.canonical, a, stats(a, ([ref] if ref else []) + chunk), dtypes, ref))
+                out.append(RelationResult(g0.canonical, a, stats(a, [*basis, *chunk]), dtypes, list(basis)))
     return out
 
 

@@ -115,3 +115,32 @@ def test_rerun_of_a_finished_audit_never_starts_ray(demo_root, tmp_path):
     assert "resuming: 55 of 55 tensors" in again.stdout and "fit: " not in again.stdout
     assert "waiting for ray 0.00s" in again.stdout
     assert first.stdout.split("rio-mini  blend")[1].splitlines()[0] == again.stdout.split("rio-mini  blend")[1].splitlines()[0]
+
+
+def test_lineage_command_works_from_a_folder_holding_a_lineage_folder(demo_root, tmp_path):
+    """Run from the folder that holds a clone named `lineage`: that folder must not shadow
+    the package (it did, as a namespace package, with an import-hook editable install)."""
+    from lineage.audit import run_local
+    from tests.test_resume import demo_set
+
+    run_local(demo_set(demo_root), tmp_path / "out")
+    (tmp_path / "lineage" / "jobs").mkdir(parents=True)  # what a clone looks like from its parent
+    (tmp_path / "lineage" / "README.md").write_text("a clone\n")
+    exe = Path(sys.executable).parent / "lineage"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("PYTHONPATH", None)
+    show = subprocess.run(
+        [str(exe), "show", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert show.returncode == 0, show.stderr[-2000:]
+    assert show.stdout.splitlines()[2].startswith("rio-mini  blend")
+    helped = subprocess.run(
+        [sys.executable, "-m", "jobs.audit", "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert helped.returncode == 0 and "Exit codes: 0 all audited" in helped.stdout, helped.stderr[-2000:]
+    report = subprocess.run(
+        [str(exe), "report", str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert report.returncode == 0 and report.stdout.strip() == str(tmp_path / "out" / "report.html")
+    bad = subprocess.run([str(exe), "show", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("lineage: error: ") and "no verdicts.parquet here" in bad.stderr
