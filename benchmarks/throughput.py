@@ -247,7 +247,9 @@ def run_audit(root: Path, out: Path, address: str | None = None) -> dict:
     if p.returncode != 0:
         raise SystemExit(log[-3000:])
     verdict = json.loads((out / "result" / "verdicts" / "blend.json").read_text())
+    phases = next((line.split("; ", 1)[1] for line in log.splitlines() if line.startswith("[lineage] read ")), "")
     return {
+        "phases": phases,
         "seconds": seconds,
         "peak_mb": peak_audit,
         "daemons_mb": peak_daemons,
@@ -312,6 +314,8 @@ def main() -> None:
         print(
             f"{'    on a running Ray':<24} {w['seconds']:7.2f} s  {size / w['seconds'] / 1e9:6.2f} GB/s  peak RSS {w['peak_mb']:7.0f} MB (driver + workers; `ray start --head` before, as on a cluster)"
         )
+        print(f"    phases, embedded: {c['phases']}")
+        print(f"    phases, running Ray: {w['phases']}")
         print(f"    verdict {c['verdict']}: " + ", ".join(f"{p['name']} {p['weight']:.4f}" for p in c["parents"]))
         print(f"ratios: fit/read {gbs['kernel'] / gbs['read']:.2f}, with 2 threads {gbs['kernel x2'] / gbs['read']:.2f} (target >= 0.5); torch engine/read {gbs['torch'] / gbs['read']:.2f}; "
               f"naive/audit time {r['naive']['seconds'] / c['seconds']:.1f}x embedded, {r['naive']['seconds'] / w['seconds']:.1f}x on a running Ray (target >= 5); audit/naive RSS {c['peak_mb'] / r['naive']['peak_mb']:.2f} (target < 0.25); "
