@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks import wild
 from benchmarks.tinyllama import corpus, train
 from lineage.audit import run_local
 from lineage.demo import fp8_quantize
@@ -87,9 +88,11 @@ def llama(seed: int, cfg: dict = LLAMA) -> dict[str, torch.Tensor]:
     return train(init_llama(seed, cfg), corpus("pretrain"), steps=60, lr=3e-3, seed=seed, cfg=cfg)
 
 
-def finetune(w: dict[str, torch.Tensor], text: str, seed: int, steps: int = 30, lr: float = 5e-4) -> dict[str, torch.Tensor]:
-    """Real optimiser steps on another corpus."""
-    return train(w, corpus(text), steps=steps, lr=lr, seed=seed, cfg=LLAMA)
+def finetune(
+    w: dict[str, torch.Tensor], text: str, seed: int, steps: int = 30, lr: float = 5e-4, cfg: dict = LLAMA, **kw
+) -> dict[str, torch.Tensor]:
+    """Real optimiser steps on another corpus (`kw`: `trainable`, `lora`, see tinyllama.train)."""
+    return train(w, corpus(text), steps=steps, lr=lr, seed=seed, cfg=cfg, **kw)
 
 
 def save(folder: Path, w: dict[str, torch.Tensor], arch: str | None = "llama", shape: dict = LLAMA) -> Path:
@@ -234,10 +237,12 @@ def mergekit(folder: Path, config: str) -> Path | None:
 
 
 def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
-    """(name, suspect folder, candidates {name: folder}, expected class, expected weights)."""
+    """Every case: name, suspect folder, candidates {name: folder}, and its truth: the
+    expected class, and where known the weights, task-arithmetic base, method, sparse
+    family, single parent, parents, layer map, layer sources and schedule."""
     out: list[dict] = []
 
-    def add(name, suspect, cands, expect, weights=None, base=None, method=None, family=None):
+    def add(name, suspect, cands, expect, weights=None, base=None, method=None, family=None, **truth):
         out.append(
             {
                 "name": name,
@@ -248,8 +253,18 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
                 "base": base,
                 "method": method,
                 "family": family,
+                **truth,
             }
         )
+
+    def built(name: str, make, shape: dict = wild.DEEP) -> dict[str, torch.Tensor]:
+        """A trained model, made once per folder (training is deterministic; `--keep` reuses them)."""
+        f = root / name / "model.safetensors"
+        if f.exists():
+            return load_file(str(f))
+        w = make()
+        save(root / name, w, shape=shape)
+        return w
 
     real = load_file(str(minilm_path()))
     mini = minilm_path()
@@ -264,17 +279,21 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     g = torch.Generator().manual_seed(5)
     noisy = {k: v + 0.2 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in real.items()}
     add("minilm + noise 0.2 sd", save(root / "mini-noise", noisy, None), {"minilm": mini}, "derived")
-    add("minilm MLP neurons permuted", save(root / "mini-perm", permute_mlp(real, 3), None), {"minilm": mini}, "derived")
+    add("minilm MLP neurons permuted", save(root / "mini-perm", permute_mlp(real, 3), None), {"minilm": mini}, "identical")
     heads = save(root / "mini-heads", permute_heads(real, 4, 32), None)
     shutil.copy(minilm_path().parent / "config.json", heads / "config.json")
-    add("minilm attention heads permuted", heads, {"minilm": mini}, "derived")
+    add("minilm attention heads permuted", heads, {"minilm": mini}, "identical")
 
-    models = {s: llama(s) for s in range(seeds)}
-    paths = {s: save(root / f"llama-{s}", models[s]) for s in range(seeds)}
-    small = {s: save(root / f"small-{s}", llama(100 + s, SMALL), shape=SMALL) for s in range(max(2, seeds - 2))}
+    models = {s: built(f"llama-{s}", lambda s=s: llama(s), LLAMA) for s in range(seeds)}
+    paths = {s: root / f"llama-{s}" for s in range(seeds)}
+    small = {}
+    for s in range(max(2, seeds - 2)):
+        built(f"small-{s}", lambda s=s: llama(100 + s, SMALL), SMALL)
+        small[s] = root / f"small-{s}"
     base = models[0]
-    ft1, ft2 = finetune(base, "ft-a", 11), finetune(base, "ft-b", 12)  # siblings: two fine-tunes of one base
-    p_ft1, p_ft2 = save(root / "ft1", ft1), save(root / "ft2", ft2)
+    # siblings: two fine-tunes of one base
+    ft1, ft2 = (built(f"ft{i}", lambda i=i: finetune(base, f"ft-{'ab'[i - 1]}", 10 + i), LLAMA) for i in (1, 2))
+    p_ft1, p_ft2 = root / "ft1", root / "ft2"
     fam = {"base": paths[0], "ft1": p_ft1, "ft2": p_ft2}
     add("llama fine-tune vs base", p_ft1, {"base": paths[0]}, "derived")
     add("fine-tune vs base + sibling", p_ft1, {"base": paths[0], "sibling": p_ft2}, "derived")
@@ -367,7 +386,61 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
             if a < b:
                 add(f"unrelated small seeds {a} vs {b}", small[b], {f"small{a}": small[a]}, "unrelated")
     add("minilm vs llama-0 (other shapes)", save(root / "mini-copy", real, None), {"llama": paths[0]}, "inconclusive")
+    wild.cases(root, add, built, finetune, llama, save, mergekit if with_mergekit else lambda folder, config: None)
     return out
+
+
+def model_set(c: dict) -> ModelSet:
+    """The model set that audits case `c` (its base declared where the case says so)."""
+    return ModelSet.from_dict(
+        {
+            "name": "eval",
+            "suspects": [{"name": "suspect", "source": str(c["suspect"])}],
+            "candidates": [{"name": n, "source": str(p), "base": n == c.get("declared")} for n, p in c["candidates"].items()],
+        }
+    )
+
+
+def judge(c: dict, v: dict) -> list[str]:
+    """What the verdict `v` gets wrong about case `c` (empty: right)."""
+    wrong = []
+    if v["verdict"] != c["expect"]:
+        wrong.append(f"class {v['verdict']}")
+    if c["method"] and v.get("method") != c["method"]:
+        wrong.append(f"method {v.get('method')}")
+    if c["family"] and v.get("merge_family") != c["family"]:
+        wrong.append(f"family {v.get('merge_family')}")
+    got = [p["name"] for p in v["parents"]]
+    if c.get("parent") and got[:1] != [c["parent"]]:
+        wrong.append(f"parent {got[:1]}")
+    if c.get("parents") and not (c["parents"] <= set(got) <= c["parents"] | {"base"}):
+        wrong.append(f"parents {got}")
+    if c.get("layer_map") and v.get("layer_map") != c["layer_map"]:
+        wrong.append(f"layer_map {v.get('layer_map')}")
+    if c.get("layer_sources"):
+        src = {i: (s.get("model"), s.get("layer")) for i, s in (v.get("layer_sources") or {}).items()}
+        if src != c["layer_sources"]:
+            wrong.append(f"layer_sources {src}")
+    w = {p["name"]: p["weight"] for p in v["parents"]}
+    for n, x in c["weights"].items():
+        if abs(w.get(n, 0.0) - x) >= 0.02:
+            wrong.append(f"weight {n} {w.get(n, 0.0):.3f}")
+    return wrong
+
+
+def schedule_error(c: dict, v: dict) -> float | None:
+    """Largest |reported - true| weight of a parent over the layers and components of a scheduled merge."""
+    if not c.get("schedule"):
+        return None
+    errs = []
+    for parent, comps in c["schedule"].items():
+        got = (v.get("schedule") or {}).get(parent)
+        if got is None:
+            return math.inf
+        for comp, truth in comps.items():
+            per = got["per_layer"].get(comp, {})
+            errs += [abs(per[str(i)] - x) if str(i) in per else math.inf for i, x in enumerate(truth)]
+    return max(errs) if errs else None
 
 
 def _rms(v: list[float]) -> float:
@@ -379,6 +452,8 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/lineage-eval")
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--sample", type=float, default=0.0, help="also audit every case at this fit.sample_fraction and compare")
+    ap.add_argument("--keep", action="store_true", help="reuse the models built by an earlier run in --dir")
+    ap.add_argument("--only", default="", help="audit only the cases whose name contains this")
     a = ap.parse_args()
     sampled: list[tuple[str, bool, float | None, float | None]] = []
     root = Path(a.dir)
@@ -386,15 +461,13 @@ def main() -> None:
     null_z: list[float] = []
     null_by_role: dict[str, list[float]] = defaultdict(list)
     errors, wrong = [], []
-    shutil.rmtree(root / "models", ignore_errors=True)  # merges are cached per folder: rebuild from these inputs
+    if not a.keep:
+        shutil.rmtree(root / "models", ignore_errors=True)  # merges are cached per folder: rebuild from these inputs
+    sched_errors: list[tuple[str, float]] = []
     for c in cases(root / "models", a.seeds):
-        ms = ModelSet.from_dict(
-            {
-                "name": "eval",
-                "suspects": [{"name": "suspect", "source": str(c["suspect"])}],
-                "candidates": [{"name": n, "source": str(p)} for n, p in c["candidates"].items()],
-            }
-        )
+        if a.only not in c["name"]:
+            continue
+        ms = model_set(c)
         out = root / "audits" / c["name"].replace(" ", "_").replace("/", "-")
         shutil.rmtree(out, ignore_errors=True)
         (v,) = run_local(ms, out)
@@ -432,12 +505,16 @@ def main() -> None:
             )
         if v.get("layer_map"):
             note += " layer_map " + ",".join(f"{i}->{j}" for i, j in v["layer_map"].items())
-        right = (
-            got == c["expect"]
-            and (c["method"] is None or v.get("method") == c["method"])
-            and (c["family"] is None or v.get("merge_family") == c["family"])
-        )
-        flag = "" if right else "  <-- WRONG"
+        if v.get("layer_sources"):
+            note += " layer_sources " + ",".join(f"{i}->{s['model']}:{s.get('layer')}" for i, s in v["layer_sources"].items())
+        se = schedule_error(c, v)
+        if se is not None:
+            sched_errors.append((c["name"], se))
+            note += f" schedule error {se:.3f}"
+        if c.get("note"):
+            note += f" ({c['note']})"
+        problems = judge(c, v)
+        flag = f"  <-- WRONG: {'; '.join(problems)}" if problems else ""
         if flag:
             wrong.append(c["name"])
         print(f"{c['name']:<36} expect {c['expect']:<12} got {got:<12} {note}{flag}", flush=True)
@@ -462,6 +539,8 @@ def main() -> None:
         )
     if errors:
         print(f"blend weight error: max {max(errors):.4f} over {len(errors)} blends with known weights")
+    for name, se in sched_errors:
+        print(f"schedule error (max |weight - recipe| over layers and components): {se:.4f}  {name}")
     if sampled:
         agree = sum(x[1] for x in sampled)
         dws = [x[2] for x in sampled if x[2] is not None]

@@ -12,7 +12,9 @@ without rotary embeddings, SwiGLU MLP, untied head).
 
 from __future__ import annotations
 
+import math
 import sysconfig
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -58,9 +60,24 @@ def forward(w: dict[str, torch.Tensor], tokens: torch.Tensor, layers: int, heads
 
 
 def train(
-    w: dict[str, torch.Tensor], text: torch.Tensor, steps: int, lr: float, seed: int, cfg: dict, batch: int = 8, ctx: int = 64
+    w: dict[str, torch.Tensor],
+    text: torch.Tensor,
+    steps: int,
+    lr: float,
+    seed: int,
+    cfg: dict,
+    batch: int = 8,
+    ctx: int = 64,
+    trainable: Callable[[str], bool] | None = None,
+    lora: int = 0,
 ) -> dict[str, torch.Tensor]:
     """`steps` AdamW steps of next-byte prediction on random windows of `text`.
+
+    `trainable` freezes the tensors it refuses (a fine-tune of the last
+    layers only). `lora` > 0 trains rank-`lora` adapters (B A, B zero at the
+    start, scaled by 2: alpha = 2 r) on every matrix of the stack instead of
+    the weights, and returns the weights with the adapters merged in, as
+    `merge_and_unload` does.
 
     On one thread: torch's multi-threaded CPU kernels add in an order that
     varies from run to run (1e-5 apart after 60 steps), and the evaluation
@@ -70,27 +87,49 @@ def train(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _train(w, text, steps, lr, seed, cfg, batch, ctx)
+        return _train(w, text, steps, lr, seed, cfg, batch, ctx, trainable, lora)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(
-    w: dict[str, torch.Tensor], text: torch.Tensor, steps: int, lr: float, seed: int, cfg: dict, batch: int, ctx: int
+    w: dict[str, torch.Tensor],
+    text: torch.Tensor,
+    steps: int,
+    lr: float,
+    seed: int,
+    cfg: dict,
+    batch: int,
+    ctx: int,
+    trainable: Callable[[str], bool] | None,
+    lora: int,
 ) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    params = {k: v.detach().clone().float().requires_grad_(True) for k, v in w.items()}
-    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    train_it = trainable or (lambda k: True)
+    params = {k: v.detach().clone().float().requires_grad_(train_it(k) and not lora) for k, v in w.items()}
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if lora:
+        for k, v in params.items():
+            if ".layers." in k and v.ndim == 2 and train_it(k):
+                a = (torch.randn(lora, v.shape[1], generator=g) / math.sqrt(v.shape[1])).requires_grad_(True)
+                adapters[k] = (torch.zeros(v.shape[0], lora, requires_grad=True), a)
+    trained = [v for v in params.values() if v.requires_grad] + [t for ba in adapters.values() for t in ba]
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v + 2.0 * adapters[k][0] @ adapters[k][1] if k in adapters else v for k, v in params.items()}
+
     for _ in range(steps):
         starts = torch.randint(0, len(text) - ctx - 1, (batch,), generator=g)
         x = torch.stack([text[s : s + ctx] for s in starts])
         y = torch.stack([text[s + 1 : s + ctx + 1] for s in starts])
-        logits = forward(params, x, cfg["layers"], cfg["heads"], cfg["kv"])
+        logits = forward(weights(), x, cfg["layers"], cfg["heads"], cfg["kv"])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return {k: v.detach() for k, v in params.items()}
+    with torch.no_grad():
+        return {k: v.detach() for k, v in weights().items()}
 
 
 def loss(w: dict[str, torch.Tensor], text: torch.Tensor, cfg: dict, seed: int = 0, batch: int = 16, ctx: int = 64) -> float:

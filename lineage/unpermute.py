@@ -35,11 +35,17 @@ class Permutation:
     corr_before: float
     corr_after: float
     what: str = "mlp units"  # or "attention heads", "key/value heads"
+    #: every searched tensor (matrices, and the biases that follow their rows) -> |s - undone p| / |s|
+    rel_after: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)
 class PermutationItem:
-    """One group of matrices to search: (suspect tensor, suspect view, parent view, 'rows'|'cols')."""
+    """One group of matrices to search: (suspect tensor, suspect view, parent view, 'rows'|'cols'|'vec').
+
+    'vec' tensors (the biases of the 'rows' matrices) take no part in the
+    search; the permutation found is applied to them too, so that the
+    distance after undoing covers every tensor the permutation touched."""
 
     gid: int
     what: str
@@ -85,9 +91,12 @@ def search(item: PermutationItem, reader: Reader, opts: FitOptions) -> Permutati
     """The permutation that explains the group, or None (no one-to-one, agreeing, non-identity match)."""
     import torch
 
-    mats = {}
+    mats, vecs = {}, {}
     for name, sv, pv, kind in item.mats:
         s, p = decoded(reader, sv, 0, sv.rows), decoded(reader, pv, 0, pv.rows)
+        if kind == "vec":
+            vecs[name] = (s.reshape(-1, 1), p.reshape(-1, 1))
+            continue
         mats[name] = (s, p) if kind == "rows" else (s.T.contiguous(), p.T.contiguous())
     if not mats or any(s.shape[0] % item.unit for s, _ in mats.values()):
         return None
@@ -101,4 +110,14 @@ def search(item: PermutationItem, reader: Reader, opts: FitOptions) -> Permutati
         return None
     before = min(_corr(s, p) for s, p in mats.values())
     after = min(_corr(s, p[perm]) for s, p in mats.values())
-    return Permutation(sorted(mats), len(perm), before, after, item.what)
+    rel = {n: _rel(s, p[perm]) for n, (s, p) in mats.items()}
+    for n, (s, p) in vecs.items():
+        if s.shape[0] % item.unit == 0 and s.shape[0] // item.unit == len(perm):
+            rel[n] = _rel(_blocks(s, item.unit), _blocks(p, item.unit)[perm])
+    return Permutation(sorted(mats), len(perm), before, after, item.what, rel)
+
+
+def _rel(s: torch.Tensor, p: torch.Tensor) -> float:
+    """|s - p| / |s|, in float64."""
+    s, p = s.double(), p.double()
+    return float((s - p).norm() / s.norm().clamp_min(1e-300))

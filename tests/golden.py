@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
@@ -61,7 +60,7 @@ def store(name: str, value: object) -> None:
 def main() -> None:
     import tempfile
 
-    from benchmarks.evalset import cases
+    from benchmarks.evalset import cases, model_set
     from lineage.audit import run_local
     from lineage.demo import ensure
     from lineage.modelset import ModelSet
@@ -81,19 +80,11 @@ def main() -> None:
         (v,) = run_local(ms, Path(tmp) / "demo")
         store("demo_verdict.json", v)
         store("demo_rows.json", rows_snapshot(Path(tmp) / "demo"))
-        with_mk = "--mergekit" in sys.argv
         verdicts = {}
-        for i, c in enumerate(cases(Path(tmp) / "models", seeds=3, with_mergekit=with_mk)):
-            ms = ModelSet.from_dict(
-                {
-                    "name": "eval",
-                    "suspects": [{"name": "suspect", "source": str(c["suspect"])}],
-                    "candidates": [{"name": n, "source": str(p)} for n, p in c["candidates"].items()],
-                }
-            )
-            (verdicts[c["name"]],) = run_local(ms, Path(tmp) / "audits" / str(i))
+        for i, c in enumerate(cases(Path(tmp) / "models", seeds=3, with_mergekit=False)):
+            (verdicts[c["name"]],) = run_local(model_set(c), Path(tmp) / "audits" / str(i))
             print(c["name"], verdicts[c["name"]]["verdict"], flush=True)
-        store("eval_verdicts_mergekit.json" if with_mk else "eval_verdicts.json", verdicts)
+        store("eval_verdicts.json", verdicts)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 order until one answers (a copy is identical before it is anything else; a
 layer stack before a blend; a suspect no candidate relates to is settled
 before any blend is fitted; among blends the most specific signature wins:
-sparse, then task arithmetic, then slerp, then linear; derived is what a
+sparse, then a merge trained afterwards, then task arithmetic, then slerp,
+then linear; derived is what a
 related suspect is when no blend explains it). Refiners then amend that
 answer: a layer map, then undone permutations.
 
@@ -32,6 +33,7 @@ from lineage.explain.permutation import Permutations
 from lineage.explain.slerp import Slerp
 from lineage.explain.sparse import Sparse
 from lineage.explain.task_arithmetic import TaskArithmetic
+from lineage.explain.trained import TrainedMerge
 from lineage.explain.uncompared import Uncompared
 from lineage.explain.unrelated import Unrelated
 
@@ -41,6 +43,7 @@ REGISTRY: tuple[Explainer, ...] = (
     Passthrough(),
     Unrelated(),
     Sparse(),
+    TrainedMerge(),
     TaskArithmetic(),
     Slerp(),
     Linear(),

@@ -13,7 +13,17 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 from lineage.explain.evidence import Evidence, median, weighted
-from lineage.explain.thresholds import BLEND_GAIN, MAX_SPREAD, MIN_WEIGHT, SPARSE_GAIN, SPARSE_NEAR
+from lineage.explain.schedule import describe, schedule
+from lineage.explain.thresholds import (
+    BLEND_GAIN,
+    MAX_WITHIN_SD,
+    MIN_WEIGHT,
+    SPARSE_GAIN,
+    SPARSE_NEAR,
+    TRAINED_GAIN,
+    TRAINED_MAX_BASE,
+    TRAINED_MIN_WEIGHT,
+)
 
 
 @dataclass
@@ -25,6 +35,8 @@ class BlendFit:
     material: list[str]  # candidates whose share is material (>= MIN_WEIGHT, interval above 0)
     base: str | None
     evidence: dict
+    schedules: dict[str, dict]  # candidate -> its schedule (schedule.py)
+    trained: bool = False  # accepted as a merge trained (or sparsified) afterwards
 
 
 def blend_fit(ev: Evidence) -> BlendFit:
@@ -45,6 +57,7 @@ def _blend_fit(ev: Evidence) -> BlendFit:
     base = ev.declared if ev.declared in use else None
     near = {n: ev.per[n].median_near_frac for n in use}
     per_w: dict[str, list[tuple[float, float, float]]] = defaultdict(list)
+    points: dict[str, list] = defaultdict(list)
     gains, cosf = [], []
     bases: Counter = Counter()
     for r, b in ev.refits(use, base):
@@ -58,27 +71,50 @@ def _blend_fit(ev: Evidence) -> BlendFit:
         cosf.append(b.cos_fit)
         for n in use:
             per_w[n].append((b.weights[n], b.se[n], float(r.numel)))
-    weights = {n: weighted(v) for n, v in per_w.items() if v}
+            points[n].append((r.layer, r.component, b.weights[n], b.se[n], float(r.numel)))
+    layers = 1 + max((r.layer for r in ev.rows if r.layer is not None), default=0)
+    schedules = {n: schedule(points[n], layers) for n in use if points[n]}
+    weights = {n: within(weighted(v), schedules[n]) for n, v in per_w.items() if v}
     gain = median(gains)
     material = [n for n, w in weights.items() if w["mean"] >= MIN_WEIGHT and w["ci95"][0] > 0]
-    consistent = all(weights[n]["sd"] <= MAX_SPREAD for n in material)
+    consistent = all((schedules[n]["within_sd"] or 0.0) <= MAX_WITHIN_SD for n in material)
     others = [n for n in use if n not in material]
+    fitted_base = base or (bases.most_common(1)[0][0] if bases else None)
     sparse = bool(material) and bool(others) and all((near.get(n) or 0.0) >= SPARSE_NEAR for n in material + others[:1])
-    explains = gain is not None and (gain <= BLEND_GAIN or (sparse and gain <= SPARSE_GAIN))
+    # A merge of two or more models that derive from a base in the pool, trained (or sparsified)
+    # afterwards: each carries a large share, and together they carry the whole delta from the
+    # base, which keeps no weight (a merge takes its parents' deltas whole; a sibling's delta only
+    # correlates with theirs, so its fit shrinks toward the base: base weight (1 - rho) /
+    # (1 + (k - 1) rho) for k siblings at rho). Without the base in the pool the two cannot be told.
+    heavy = [n for n in material if weights[n]["ci95"][0] >= TRAINED_MIN_WEIGHT]
+    rest = [weights[n]["mean"] for n in use if n not in heavy]
+    trained = (
+        gain is not None
+        and BLEND_GAIN < gain <= TRAINED_GAIN
+        and len(heavy) >= 2
+        and bool(rest)
+        and max(rest) <= TRAINED_MAX_BASE
+    )
+    explains = gain is not None and (gain <= BLEND_GAIN or (sparse and gain <= SPARSE_GAIN) or trained)
     e = {
         "candidates": use,
         "matrices": len(cosf),
         "median_gain": gain,
         "median_cos_fit": median(cosf),
         "weights": weights,
+        "within_sd": {n: schedules[n]["within_sd"] for n in schedules},
         "sparse": sparse,
+        "trained_after": trained,
         "median_near_frac": near,
         "criteria": {
             "gain_max": BLEND_GAIN,
             "gain_max_sparse": SPARSE_GAIN,
+            "gain_max_trained": TRAINED_GAIN,
+            "trained_min_weight": TRAINED_MIN_WEIGHT,
+            "trained_max_base_weight": TRAINED_MAX_BASE,
             "sparse_near_frac_min": SPARSE_NEAR,
             "min_weight": MIN_WEIGHT,
-            "max_sd_across_tensors": MAX_SPREAD,
+            "max_within_sd": MAX_WITHIN_SD,
         },
     }
     ev.analyses["blend"] = e
@@ -86,9 +122,24 @@ def _blend_fit(ev: Evidence) -> BlendFit:
         is_blend=len(material) >= 2 and consistent and explains,
         weights=weights,
         material=material,
-        base=base or (bases.most_common(1)[0][0] if bases else None),
+        base=fitted_base,
         evidence=e,
+        schedules=schedules,
+        trained=trained and not (gain is not None and (gain <= BLEND_GAIN or (sparse and gain <= SPARSE_GAIN))),
     )
+
+
+def within(w: dict, s: dict) -> dict:
+    """A parent's weight summary whose interval counts the spread within groups, not the schedule.
+
+    `weighted` puts the whole spread across tensors into the interval; for a
+    scheduled merge most of it is the schedule (known, reported), so the
+    interval uses the spread within the groups one setting covers."""
+    if s.get("within_sd") is None or s.get("kind") == "constant" or w["sd"] <= s["within_sd"]:
+        return w
+    half = (w["ci95"][1] - w["ci95"][0]) / 2
+    scaled = half * s["within_sd"] / w["sd"] if w["sd"] > 0 else half
+    return {**w, "ci95": [w["mean"] - scaled, w["mean"] + scaled], "schedule_sd": w["sd"], "sd": s["within_sd"]}
 
 
 def blend_parents(ev: Evidence) -> list[dict]:
@@ -101,7 +152,8 @@ def blend_parents(ev: Evidence) -> list[dict]:
             "name": n,
             "weight": round(w["mean"], 6),
             "ci95": [round(x, 6) for x in w["ci95"]],
-            "sd_across_tensors": round(w["sd"], 6),
+            "sd_across_tensors": round(w.get("schedule_sd", w["sd"]), 6),
+            "sd_within_groups": fit.schedules[n]["within_sd"] if n in fit.schedules else None,
             "tensors": w["tensors"],
         }
         if ev.aliases.get(n):
@@ -120,10 +172,33 @@ def intervals(parents: list[dict]) -> str:
 
 
 def tail(ev: Evidence) -> str:
-    """The sentence on how well the blend fits, which several explanations end with."""
-    e = blend_fit(ev).evidence
-    return (
+    """The sentences on how well the blend fits and how its weights run, which several explanations end with."""
+    fit = blend_fit(ev)
+    e = fit.evidence
+    text = (
         f" Fitted relative to a common base over {e['matrices']} matrices, the blend leaves "
-        f"{e['median_gain']:.0%} of the best single parent's residual (median cos_fit "
-        f"{e['median_cos_fit']:.3f}), and the weights agree across tensors."
+        f"{e['median_gain']:.0%} of the best single parent's residual (median cos_fit {e['median_cos_fit']:.3f})"
     )
+    if fit.trained:
+        text += (
+            f", more than an exact merge leaves but structured: {len(fit.material)} parents each carry a large, "
+            "tight share, so the rest is what training after the merge (or a sparse merge's drop noise) added"
+        )
+    scheds = {n: fit.schedules[n] for n in fit.material if n in fit.schedules}
+    if all(s["kind"] == "constant" for s in scheds.values()):
+        return text + "; the weights agree across tensors."
+    return text + "; the weights follow a schedule: " + "; ".join(describe(n, s) for n, s in scheds.items()) + "."
+
+
+def extras(ev: Evidence) -> dict:
+    """The blend's optional verdict fields: each parent's schedule, and the residual it leaves."""
+    fit = blend_fit(ev)
+    e = fit.evidence
+    return {
+        "schedule": {n: fit.schedules[n] for n in fit.material if n in fit.schedules},
+        "residual": {
+            "of_best_single_parent": e["median_gain"],
+            "cos_fit": e["median_cos_fit"],
+            "trained_after": fit.trained,
+        },
+    }

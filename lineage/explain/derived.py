@@ -11,7 +11,25 @@ from __future__ import annotations
 
 from lineage.explain.base import Explanation, document, one_parent
 from lineage.explain.blendfit import blend_fit
-from lineage.explain.evidence import Evidence
+from lineage.explain.evidence import Evidence, median
+from lineage.explain.thresholds import THROUGH
+from lineage.fit import Forms
+
+
+def through(ev: Evidence, a: str, b: str) -> float | None:
+    """How far along the way from b to a the suspect went: the median over matrices of the
+    projection of (suspect - b) on (a - b), 1 for a descendant of a, about the delta
+    correlation for a sibling of a that shares b."""
+    ts = []
+    for r in ev.matrices:
+        if a not in r.order or b not in r.order:
+            continue
+        f = Forms(r.stats)  # type: ignore[arg-type]
+        ab = f.diff(a, b)
+        den = f.dot(ab, ab)
+        if den > 0:
+            ts.append(f.dot(f.diff("suspect", b), ab) / den)
+    return median(ts)
 
 
 class Derived(Explanation):
@@ -25,6 +43,16 @@ class Derived(Explanation):
             blend_fit(ev)  # its evidence says why a blend was not claimed
         per = ev.per
         best = max(related, key=lambda n: (per[n].median_corr, -(per[n].median_rel_dist or 0)))  # type: ignore[arg-type, return-value]
+        base, note = ev.declared, ""
+        if base in related and base != best:
+            t = through(ev, best, base)
+            if t is not None and t < THROUGH:
+                note = (
+                    f" It is closer to {best}, but shares only {t:.2f} of {best}'s delta from the declared base {base} "
+                    f"(a descendant of {best} shares about 1): a sibling of {best}, or a descendant of {base} along "
+                    "a similar path."
+                )
+                best = base
         p = per[best]
         also = [n for n in related if n != best]
         return document(
@@ -38,5 +66,6 @@ class Derived(Explanation):
                 f" {', '.join(also)} also correlate{'s' if len(also) == 1 else ''} (related to {best}), but a blend explains no more."
                 if also
                 else ""
-            ),
+            )
+            + note,
         )

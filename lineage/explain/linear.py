@@ -8,7 +8,7 @@ slerp at the same t would be indistinguishable (slerp.py).
 from __future__ import annotations
 
 from lineage.explain.base import Explanation, document
-from lineage.explain.blendfit import blend_fit, blend_parents, intervals, is_blend, tail
+from lineage.explain.blendfit import blend_fit, blend_parents, extras, intervals, is_blend, tail
 from lineage.explain.evidence import Evidence
 from lineage.explain.slerp import interpolation
 from lineage.explain.thresholds import SLERP_MIN_SE
@@ -40,4 +40,5 @@ class Linear(Explanation):
             f"{ev.suspect} is a linear blend: {desc} (95% intervals {intervals(parents)})." + text,
             method="linear",
             base=fit.base,
+            **extras(ev),
         )

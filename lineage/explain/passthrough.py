@@ -4,7 +4,8 @@ mergekit's passthrough merge stacks whole layers taken from different
 models. Each matrix is then within rounding of exactly one candidate's,
 and at least two candidates supply PASSTHROUGH_MIN_SHARE of the elements
 each; the weights are the shares, and `layer_sources` says which model
-each layer came from.
+(and layer) each layer came from. Stacks that repeat, skip or reorder
+layers match no namesake: the layer-map refiner (layermap.py) finds them.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def layer_stack(ev: Evidence) -> dict | None:
             if c.candidate in ev.reps
             and c.status == "ok"
             and c.rounding_tol is not None
-            and (c.rel_dist or 1.0) <= c.rounding_tol
+            and c.rel_dist is not None
+            and c.rel_dist <= c.rounding_tol
         ]
         if within:
             source[r.tensor] = (min(within, key=lambda c: c.rel_dist).candidate, r)  # type: ignore[arg-type, return-value]
@@ -38,10 +40,10 @@ def layer_stack(ev: Evidence) -> dict | None:
         shares[name] += r.numel / total  # type: ignore[attr-defined]
     if sum(1 for v in shares.values() if v >= PASSTHROUGH_MIN_SHARE) < 2:
         return None
-    layers: dict[str, str] = {}
+    layers: dict[str, dict] = {}
     for name, r in source.values():
         if r.layer is not None:  # type: ignore[attr-defined]
-            layers.setdefault(str(r.layer), name)  # type: ignore[attr-defined]
+            layers.setdefault(str(r.layer), {"model": name, "layer": r.layer})  # type: ignore[attr-defined]
     return {
         "shares": dict(shares.most_common()),
         "layers": dict(sorted(layers.items(), key=lambda kv: int(kv[0]))),
@@ -57,7 +59,7 @@ class Passthrough(Explanation):
         if stack is None:
             return None
         parents = [{"name": n, "weight": round(w, 6), "ci95": [round(w, 6), round(w, 6)]} for n, w in stack["shares"].items()]
-        layers = ", ".join(f"{layer}: {src}" for layer, src in stack["layers"].items())
+        layers = ", ".join(f"{layer}: {src['model']}" for layer, src in stack["layers"].items())
         return document(
             ev,
             "blend",

@@ -9,7 +9,9 @@ query rows with output columns; key/value heads), and each group becomes a
 work item (unpermute.PermutationItem) that a worker runs. The head size
 comes from config.json (modelconfig.head_dim); without a usable one, heads
 are not searched and the verdict says why. Each permutation found is
-reported under `permutation` with the correlation it restores.
+reported under `permutation` with the correlation it restores, and named in
+`undone`. When, undone (biases included), every tensor is within storage
+rounding of the parent, the suspect is a disguised copy: `identical`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import re
 
 from lineage.align import Index
 from lineage.explain.evidence import Evidence
-from lineage.explain.thresholds import MAX_PERMUTATION_ELEMENTS, MAX_PERMUTATION_SEARCH, TYPICAL_CORR_QUANTILE, UNMATCHED_CORR
+from lineage.explain.thresholds import (
+    IDENTICAL_COVERAGE,
+    MAX_PERMUTATION_ELEMENTS,
+    MAX_PERMUTATION_SEARCH,
+    TYPICAL_CORR_QUANTILE,
+    UNMATCHED_CORR,
+)
 from lineage.geometry import View
 from lineage.layout import canonical, layer_prefix
 from lineage.modelconfig import head_dim
@@ -101,6 +109,11 @@ class Permutations:
                 if pe is None or pe.shape != se.shape or len(se.shape) != 2 or math.prod(se.shape) > MAX_PERMUTATION_ELEMENTS:
                     continue
                 mats.append((t, View((s_ix.seg(se),)), View((p_ix.seg(pe),)), kind))
+                bias = t[: -len("weight")] + "bias" if kind == "rows" and t.endswith(".weight") else None
+                sb = suspect.tensors.get(bias) if bias else None
+                pb = p_ix.by_name.get(canonical(bias)) if bias else None
+                if sb is not None and pb is not None and sb.shape == pb.shape == (se.shape[0],):
+                    mats.append((sb.name, View((s_ix.seg(sb),)), View((p_ix.seg(pb),)), "vec"))
             if mats and unit is not None:
                 nbytes = sum(sv.nbytes + pv.nbytes for _, sv, pv, _ in mats)
                 items.append(PermutationItem(len(items), what, unit, tuple(mats), nbytes))
@@ -127,9 +140,39 @@ class Permutations:
         ]
         explained = sum(len(p.tensors) for p in found)
         kinds = " and ".join(sorted({p.what for p in found}))
-        verdict["explanation"] += (
-            f" {explained} of its matrices had their {kinds} permuted ({len(found)} groups; an evasion that leaves "
-            f"the function unchanged); undone, they correlate with {name} at {min(p.corr_after for p in found):.4f} "
-            f"or more (before: {max(p.corr_before for p in found):.4f} at most)."
+        undone = f"{explained} of its matrices had their {kinds} permuted ({len(found)} groups; an evasion that leaves the function unchanged)"
+        corr = (
+            f"undone, they correlate with {name} at {min(p.corr_after for p in found):.4f} or more (before: "
+            f"{max(p.corr_before for p in found):.4f} at most)"
         )
+        verdict["undone"] = [f"{w} permutation" for w in sorted({p.what for p in found})]
+        worst = identical_after(ev, name, found)
+        if worst is not None:
+            verdict["verdict"] = "identical"
+            verdict["explanation"] = (
+                f"{ev.suspect} is a copy of {name} in disguise: {undone}; {corr}, and every tensor is then within "
+                f"storage rounding of {name}'s (largest relative distance {worst:.2g})."
+            )
+            return verdict
+        verdict["explanation"] += f" {undone[0].upper()}{undone[1:]}; {corr}."
         return verdict
+
+
+def identical_after(ev: Evidence, parent: str, found: list) -> float | None:
+    """The largest relative distance to `parent` once the permutations are undone, when every
+    tensor is then within storage rounding (and enough of the suspect was compared); else None."""
+    after = {t: rel for p in found for t, rel in (p.rel_after or {}).items()}
+    if ev.per[parent].coverage < IDENTICAL_COVERAGE:
+        return None
+    worst = 0.0
+    for r in ev.rows:
+        if r.status == "skipped" and r.reason.endswith("is not a weight"):
+            continue
+        c = r.cand(parent)
+        if r.status != "ok" or c is None or c.status != "ok" or c.rounding_tol is None or c.rel_dist is None:
+            return None
+        rel = after.get(r.tensor, c.rel_dist)
+        if rel > c.rounding_tol:
+            return None
+        worst = max(worst, rel)
+    return worst

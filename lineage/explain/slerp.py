@@ -17,9 +17,10 @@ from __future__ import annotations
 import math
 
 from lineage.explain.base import Explanation, document
-from lineage.explain.blendfit import blend_parents, is_blend
+from lineage.explain.blendfit import blend_parents, is_blend, within
 from lineage.explain.evidence import Evidence, median, weighted
-from lineage.explain.thresholds import SLERP_MIN_SE, SLERP_RATIO, Z_SIG
+from lineage.explain.schedule import describe, schedule
+from lineage.explain.thresholds import MAX_WITHIN_SD, SLERP_MIN_SE, SLERP_RATIO, Z_SIG
 from lineage.fit import Interpolation
 from lineage.fit import interpolation as fit_interpolation
 
@@ -39,12 +40,14 @@ def _interpolation(ev: Evidence, a: str, b: str) -> dict | None:
     few degrees apart cannot be told apart, and are reported as linear
     with the same weights."""
     fits: list[tuple[Interpolation, float]] = []
+    points = []
     for r in ev.matrices:
         if not {a, b} <= set(r.order):
             continue
         it = fit_interpolation(r.stats, a, b)  # type: ignore[arg-type]
         if it is not None and it.se > 0:
             fits.append((it, float(r.numel)))
+            points.append((r.layer, r.component, it.t, it.se, float(r.numel)))
     out = None
     if fits:
         z = sum(it.excess / it.se for it, _ in fits) / math.sqrt(len(fits))
@@ -69,6 +72,7 @@ def _interpolation(ev: Evidence, a: str, b: str) -> dict | None:
             "median_theta_deg": math.degrees(median([it.theta for it, _ in fits]) or 0.0),
             "t": {k: t[k] for k in ("mean", "ci95", "sd")},
             "toward": b,
+            "t_schedule": schedule(points, 1 + max((r.layer for r in ev.rows if r.layer is not None), default=0)),
         }
         ev.analyses["interpolation"] = out
     return out
@@ -87,13 +91,16 @@ class Slerp(Explanation):
         interp = interpolation(ev, a, b)
         if interp is None or not interp["is_slerp"]:
             return None
-        t = interp["t"]
+        t, ts = interp["t"], interp["t_schedule"]
+        if ts["kind"] != "constant" and (ts["within_sd"] or 0.0) <= MAX_WITHIN_SD:
+            t = within(t | {"tensors": interp["matrices"]}, ts)
         slerp_parents = [
             {**parents[0], "weight": round(1 - t["mean"], 6), "ci95": [round(1 - x, 6) for x in t["ci95"][::-1]]},
             {**parents[1], "weight": round(t["mean"], 6), "ci95": [round(x, 6) for x in t["ci95"]]},
         ]
         for p in slerp_parents:
             p.pop("sd_across_tensors", None)
+            p.pop("sd_within_groups", None)
         return document(
             ev,
             "blend",
@@ -103,9 +110,33 @@ class Slerp(Explanation):
             f"{interp['median_theta_deg']:.0f} degrees apart, and its free coefficients on them sum to "
             f"1 + {interp['median_excess']:.4f} (z {interp['z']:.0f} against 1), the "
             f"{interp['median_predicted_excess']:.4f} a slerp at that t and angle has, where a linear blend "
-            "sums to exactly 1. The weights are 1 - t and t.",
+            "sums to exactly 1. The weights are 1 - t and t"
+            + ("." if ts["kind"] == "constant" else f"; t follows a schedule: {describe('t', ts)}."),
             method="slerp",
             t=round(t["mean"], 6),
-            slerp={"from": a, "toward": b, "t": round(t["mean"], 6), "ci95": [round(x, 6) for x in t["ci95"]]},
+            slerp={
+                "from": a,
+                "toward": b,
+                "t": round(t["mean"], 6),
+                "ci95": [round(x, 6) for x in t["ci95"]],
+                "t_schedule": ts,
+            },
+            schedule={b: ts, a: flipped(ts)},
             base=a,
         )
+
+
+def flipped(s: dict) -> dict:
+    """The schedule of 1 - t (the other parent's weight)."""
+
+    def one(x: float | None) -> float | None:
+        return None if x is None else round(1.0 - x, 4)
+
+    out = {**s, "anchors": [one(x) for x in s["anchors"]] if s.get("anchors") else s.get("anchors")}
+    out["per_layer"] = {c: {i: one(v) for i, v in layers.items()} for c, layers in s["per_layer"].items()}
+    out["outside_stack"] = {c: one(v) for c, v in s["outside_stack"].items()}
+    out["components"] = {
+        c: {**p, "anchors": [one(x) for x in p["anchors"]] if p.get("anchors") else p.get("anchors")}
+        for c, p in s.get("components", {}).items()
+    }
+    return out

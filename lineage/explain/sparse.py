@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from lineage.explain.base import Explanation, document
-from lineage.explain.blendfit import blend_fit, blend_parents, intervals, is_blend
+from lineage.explain.blendfit import blend_fit, blend_parents, extras, intervals, is_blend
 from lineage.explain.evidence import Evidence
 from lineage.explain.thresholds import SPARSE_FAMILY
 
@@ -88,4 +88,5 @@ class Sparse(Explanation):
             method="unknown",
             merge_family=fam,
             base=b,
+            **extras(ev),
         )

@@ -10,7 +10,7 @@ linear one, and it is reported as linear.)
 from __future__ import annotations
 
 from lineage.explain.base import Explanation, document
-from lineage.explain.blendfit import blend_fit, blend_parents, intervals, is_blend, tail
+from lineage.explain.blendfit import blend_fit, blend_parents, extras, intervals, is_blend, tail
 from lineage.explain.evidence import Evidence
 from lineage.explain.thresholds import MIN_WEIGHT
 
@@ -35,4 +35,5 @@ class TaskArithmetic(Explanation):
             f"{b}'s own weight is {fit.weights[b]['mean']:.3f})." + tail(ev),
             method="task_arithmetic",
             base=b,
+            **extras(ev),
         )

@@ -33,8 +33,26 @@ SPARSE_NEAR = 0.15
 #: A blend parent's weight must reach this, with a 95% interval above 0; a
 #: candidate this far below 0 with its interval below 0 is a task-arithmetic base.
 MIN_WEIGHT = 0.05
-#: A blend's weights must agree across tensors: weighted SD at most this.
-MAX_SPREAD = 0.15
+#: A suspect closest to X is derived from the declared base B instead when it
+#: went less than this far along the way from B to X (explain/derived.py).
+THROUGH = 0.75
+#: A blend's weights must agree within the groups one merge setting covers (a
+#: layer's attention matrices, its MLP matrices; explain/schedule.py): weighted
+#: SD within groups at most this. Across layers and components they may follow
+#: any schedule, which the verdict reports.
+MAX_WITHIN_SD = 0.1
+#: A schedule reproduces a group's weight within this (or 3 standard errors).
+SCHEDULE_TOL = 0.03
+#: A merge trained (or sparsified) afterwards leaves more residual: up to this
+#: fraction of the best single parent's is a blend when two or more parents
+#: each carry at least TRAINED_MIN_WEIGHT (interval lower end) and the other
+#: related candidates (the base) at most TRAINED_MAX_BASE: a merge carries its
+#: parents' deltas whole, a sibling's fit shrinks toward the base (0.22-0.39
+#: in the evaluation set). DARE at density p leaves sqrt(1 - p) of it by design
+#: (0.71 at 0.5, 0.89 at 0.2) before any training.
+TRAINED_GAIN = 0.9
+TRAINED_MIN_WEIGHT = 0.2
+TRAINED_MAX_BASE = 0.1
 #: Dropped-delta energy ratio (explain/sparse.py): TIES trims the smallest
 #: deltas (0.31-0.33 for mergekit ties at density 0.5), DARE drops at random
 #: (0.93-0.94 for mergekit dare_ties and dare_linear).
@@ -66,6 +84,8 @@ TYPICAL_CORR_QUANTILE = 0.9
 LAYERMAP_SAMPLE = 0.05
 #: Matrix roles (the largest shared ones) compared per pair of layers.
 LAYERMAP_ROLES = 2
+#: Candidates every suspect layer is compared with (the parent, then the most related).
+LAYERMAP_CANDIDATES = 4
 #: Most matrices a permutation search reads whole...
 MAX_PERMUTATION_SEARCH = 512
 #: ...each of at most this many elements (read whole by one worker).
