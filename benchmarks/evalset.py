@@ -374,7 +374,9 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
         folder = mergekit(root / "mk-slerp-unrelated", tmpl.format(a=paths[0], b=paths[1]))
         if folder is not None:
             add("mergekit slerp t=0.3, unrelated", folder, unrel, "blend", {"seed0": 0.7, "seed1": 0.3}, method="slerp")
-    stack = {k: (ft2[k] if ".layers.2." in k or ".layers.3." in k else ft1[k]).to(torch.bfloat16) for k in base}
+    # as mergekit stacks: the embeddings from the first slice's model, the final norm and head from the last's
+    last = (".layers.2.", ".layers.3.", "model.norm.", "lm_head.")
+    stack = {k: (ft2[k] if any(x in k for x in last) else ft1[k]).to(torch.bfloat16) for k in base}
     add("layer stack: ft1 0-1 + ft2 2-3 (torch)", save(root / "stack", stack), fam, "blend")
     mixed = {k: 0.5 * ft1[k] + 0.5 * ft2[k] for k in base}
     add("blend, then trained further", save(root / "blend-trained", finetune(mixed, "ft-c", 13, steps=10, lr=2e-4)), fam, "blend")
@@ -443,6 +445,37 @@ def schedule_error(c: dict, v: dict) -> float | None:
     return max(errs) if errs else None
 
 
+def certify(out: Path, suspect: Path) -> tuple[int, int, float] | None:
+    """Run the recovered recipe (verdicts/suspect.recipe.yaml) with mergekit and compare the result
+    with the suspect, tensor by tensor: (tensors within 2^-8 relative, two BF16 steps, tensors,
+    largest relative distance); None without mergekit or a recipe."""
+    exe = Path(sys.executable).parent / "mergekit-yaml"
+    rec = out / "verdicts" / "suspect.recipe.yaml"
+    if not exe.exists() or not rec.exists():
+        return None
+    made = out / "reconstruction"
+    shutil.rmtree(made, ignore_errors=True)
+    r = subprocess.run([str(exe), str(rec), str(made), "--no-copy-tokenizer"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return (0, 0, math.inf)
+    a: dict = {}
+    b: dict = {}
+    for f in made.glob("*.safetensors"):
+        a |= load_file(str(f))
+    for f in suspect.glob("*.safetensors"):
+        b |= load_file(str(f))
+    tol = 2.0**-8  # two BF16 steps: a reconstruction computed in another order differs by about one
+    rels = []
+    for k, x in b.items():
+        y = a.get(k)
+        if y is None or y.shape != x.shape:
+            rels.append(math.inf)
+            continue
+        x64, y64 = x.double(), y.double()
+        rels.append(float((x64 - y64).norm() / x64.norm().clamp_min(1e-300)))
+    return sum(r <= tol for r in rels), len(rels), max(rels)
+
+
 def _rms(v: list[float]) -> float:
     return math.sqrt(sum(x * x for x in v) / len(v))
 
@@ -454,6 +487,7 @@ def main() -> None:
     ap.add_argument("--sample", type=float, default=0.0, help="also audit every case at this fit.sample_fraction and compare")
     ap.add_argument("--keep", action="store_true", help="reuse the models built by an earlier run in --dir")
     ap.add_argument("--only", default="", help="audit only the cases whose name contains this")
+    ap.add_argument("--certify", action="store_true", help="run every recovered recipe with mergekit and compare")
     a = ap.parse_args()
     sampled: list[tuple[str, bool, float | None, float | None]] = []
     root = Path(a.dir)
@@ -464,6 +498,7 @@ def main() -> None:
     if not a.keep:
         shutil.rmtree(root / "models", ignore_errors=True)  # merges are cached per folder: rebuild from these inputs
     sched_errors: list[tuple[str, float]] = []
+    certs: list[tuple] = []
     for c in cases(root / "models", a.seeds):
         if a.only not in c["name"]:
             continue
@@ -513,6 +548,11 @@ def main() -> None:
             note += f" schedule error {se:.3f}"
         if c.get("note"):
             note += f" ({c['note']})"
+        if v.get("recipe") and a.certify:
+            cert = certify(out, Path(c["suspect"]))
+            if cert is not None:
+                certs.append((c["name"], v.get("method"), *cert))
+                note += f" recipe reproduces {cert[0]}/{cert[1]} tensors (max rel {cert[2]:.1e})"
         problems = judge(c, v)
         flag = f"  <-- WRONG: {'; '.join(problems)}" if problems else ""
         if flag:
@@ -539,6 +579,8 @@ def main() -> None:
         )
     if errors:
         print(f"blend weight error: max {max(errors):.4f} over {len(errors)} blends with known weights")
+    for name, method, ok, n, worst in certs:
+        print(f"recipe rerun with mergekit: {ok}/{n} tensors within 2^-8, max rel {worst:.1e}  [{method}] {name}")
     for name, se in sched_errors:
         print(f"schedule error (max |weight - recipe| over layers and components): {se:.4f}  {name}")
     if sampled:

@@ -87,9 +87,10 @@ def int4(w: dict[str, torch.Tensor], group: int = 32) -> dict[str, torch.Tensor]
 
 
 def stack(parts: list[tuple[dict[str, torch.Tensor], int, int]]) -> dict[str, torch.Tensor]:
-    """A passthrough frankenmerge: layers [start, end) of each model in turn, renumbered;
-    embeddings and the final norm and head from the first model."""
-    out = {k: v for k, v in parts[0][0].items() if layer_index(k) is None}
+    """A passthrough frankenmerge as mergekit makes it: layers [start, end) of each model in turn,
+    renumbered; the embeddings from the first model, the final norm and head from the last."""
+    out = {k: v for k, v in parts[0][0].items() if layer_index(k) is None and "embed" in k}
+    out |= {k: v for k, v in parts[-1][0].items() if layer_index(k) is None and "embed" not in k}
     n = 0
     for w, start, end in parts:
         for i in range(start, end):

@@ -41,6 +41,7 @@ from lineage.options import FitOptions
 from lineage.outdir import lock, prepare
 from lineage.output import TensorWriter, atomic_write_bytes, check_parts, write_verdicts
 from lineage.plan import Unit, pack, plan_units
+from lineage.recipe import render
 from lineage.relations import RelationResult, Relations
 from lineage.rows import ROWS_VERSION, tensor_row
 from lineage.screening import Screening, screen
@@ -271,7 +272,7 @@ def decide_all(plan: AuditPlan, out_dir: Path, run_units: RunUnits, unit_bytes: 
     cands = [Candidate(c.name, c.base) for c in plan.model_set.candidates]
     models = {m.name: m for m in plan.candidates}
     relations = Relations.load(out_dir)
-    decided = {}
+    decided, recipes = {}, {}
     for s in plan.suspects:
         ev = Evidence.load(out_dir, s.name, cands, plan.unmatched.get(s.name), models | {s.name: s})
         v = decide_with(ev, lambda items: run_items(items, run_units, unit_bytes))
@@ -281,10 +282,14 @@ def decide_all(plan: AuditPlan, out_dir: Path, run_units: RunUnits, unit_bytes: 
         if rel := relations.of(s.name):
             v["relations"] = rel
         v["sources"] = {m.name: m.record() for m in [s, *plan.candidates]}
+        text = render(v, [t.dtype for t in s.tensors.values()])
+        if text is not None:
+            v["recipe"] = f"verdicts/{s.name}.recipe.yaml"
+            recipes[s.name] = text
         decided[s.name] = v
     decided |= {name: unreadable(name, err) for name, err in plan.failed.items()}
     verdicts = [decided[m.name] for m in plan.model_set.suspects]
-    write_verdicts(out_dir, verdicts)
+    write_verdicts(out_dir, verdicts, recipes)
     return verdicts
 
 

@@ -255,7 +255,11 @@ def interpolation(st: Stats, a: str, b: str) -> Interpolation | None:
     ab = aa + f.dot(A, d)  # a.b = a.a + a.(b - a)
     theta = math.acos(max(-1.0, min(1.0, ab / math.sqrt(aa * bb)))) if aa > 0 and bb > 0 else 0.0
     if theta > 1e-6:
-        t = math.asin(max(-1.0, min(1.0, c_b * math.sin(theta)))) / theta
+        # s = c_a a + c_b b with c_a = sin((1-t) theta) / sin theta, c_b = sin(t theta) / sin theta, so
+        # cos(t theta) = c_a + c_b cos theta and sin(t theta) = c_b sin theta: atan2 of the two is
+        # well conditioned for every t (asin of the second alone is not near t theta = 90 degrees).
+        c_a = 1.0 + e - c_b
+        t = math.atan2(c_b * math.sin(theta), c_a + c_b * math.cos(theta)) / theta
         predicted = (math.sin((1 - t) * theta) + math.sin(t * theta)) / math.sin(theta) - 1
     else:
         t, predicted = c_b, 0.0

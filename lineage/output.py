@@ -293,11 +293,14 @@ def relation_rows(v: dict) -> list[dict]:
     return out
 
 
-def write_verdicts(out_dir: Path, verdicts: list[dict]) -> None:
-    """`verdicts/SUSPECT.json` for each, then `verdicts.parquet` and `relations.parquet` for all."""
+def write_verdicts(out_dir: Path, verdicts: list[dict], recipes: dict[str, str] | None = None) -> None:
+    """`verdicts/SUSPECT.json` (and `SUSPECT.recipe.yaml` for a blend) for each, then
+    `verdicts.parquet` and `relations.parquet` for all."""
     out = Path(out_dir)
     for v in verdicts:
         atomic_write_bytes(out / "verdicts" / f"{v['suspect']}.json", (json.dumps(v, indent=2) + "\n").encode())
+        if (recipes or {}).get(v["suspect"]):
+            atomic_write_bytes(out / "verdicts" / f"{v['suspect']}.recipe.yaml", recipes[v["suspect"]].encode())  # type: ignore[index]
     now = datetime.now(timezone.utc).replace(microsecond=0)
     rows = [verdict_row(v, now) for v in verdicts]
     atomic_write_table(out / "verdicts.parquet", pa.Table.from_pylist(rows, schema=VERDICT_SCHEMA))

@@ -8,7 +8,10 @@ blends, and unrelated pairs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from benchmarks.evalset import cases, judge, model_set, schedule_error
 from benchmarks.wild import SLERP_ATTN, SLERP_MLP
@@ -23,7 +26,8 @@ def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     results = []
     for c in cases(root / "models", seeds=3, with_mergekit=False):
-        (v,) = run_local(model_set(c), root / "audits" / str(len(results)))
+        c["out"] = root / "audits" / str(len(results))
+        (v,) = run_local(model_set(c), c["out"])
         results.append((c, v))
     return results
 
@@ -157,3 +161,49 @@ def test_frankenmerges_with_repeated_layers_are_mapped(evaluated):
     v = by["upscale: seed0 0-5 + seed1 2-7 (torch)"]
     assert (v["verdict"], v["method"]) == ("blend", "passthrough")
     assert v["layer_sources"]["6"] == {"model": "seed1", "layer": 2}
+
+
+def recipe_of(c: dict, v: dict) -> dict:
+    text = (c["out"] / v["recipe"]).read_text()
+    assert text.startswith("# mergekit configuration recovered by lineage")
+    return yaml.safe_load(text)
+
+
+def test_recipes_are_mergekit_configurations_of_the_recovered_merge(evaluated):
+    """verdicts/SUSPECT.recipe.yaml for every blend: the method, base, models from the
+    candidates' sources, weights as scalars, gradients or per-filter lists, and slices."""
+    by = {c["name"]: (c, v) for c, v in evaluated}
+    assert all("recipe" in v for c, v in evaluated if v["verdict"] == "blend")
+    assert not any("recipe" in v for c, v in evaluated if v["verdict"] in ("identical", "unrelated"))
+    c, v = by["linear gradient 0.2->0.8 (torch)"]
+    r = recipe_of(c, v)
+    w = {Path(m["model"]).name: m["parameters"]["weight"] for m in r["models"]}
+    assert (r["merge_method"], r["dtype"]) == ("linear", "bfloat16")
+    assert w["deep-ft1"] == pytest.approx([0.2, 0.8], abs=0.01) and w["deep-ft2"] == pytest.approx([0.8, 0.2], abs=0.01)
+    c, v = by["linear per-filter 0.7 attn / 0.3 mlp (torch)"]
+    w = {Path(m["model"]).name: m["parameters"]["weight"] for m in recipe_of(c, v)["models"]}
+    f = {x.get("filter"): x["value"] for x in w["deep-ft1"]}
+    assert (f["self_attn"], f["mlp"], f[None]) == (
+        pytest.approx(0.7, abs=0.01),
+        pytest.approx(0.3, abs=0.01),
+        pytest.approx(0.5, abs=0.01),
+    )
+    c, v = by["slerp recipe, t by layer and filter (torch)"]
+    r = recipe_of(c, v)
+    t = {x.get("filter"): x["value"] for x in r["parameters"]["t"]}
+    toward_seed1 = Path(r["models"][1]["model"]).name == "deep-1"
+    attn = t["self_attn"] if toward_seed1 else [1 - x for x in t["self_attn"]]
+    assert r["merge_method"] == "slerp" and attn == pytest.approx(SLERP_ATTN, abs=0.03)
+    c, v = by["task arithmetic 0.7/0.5 (torch)"]
+    r = recipe_of(c, v)
+    assert (r["merge_method"], Path(r["base_model"]).name) == ("task_arithmetic", "llama-0")
+    assert sorted(m["parameters"]["weight"] for m in r["models"]) == pytest.approx([0.5, 0.7], abs=0.01)
+    c, v = by["frankenmerge: ft1 0-4 + ft2 3-7 (torch)"]
+    r = recipe_of(c, v)
+    assert r["merge_method"] == "passthrough"
+    assert [(Path(s["sources"][0]["model"]).name, s["sources"][0]["layer_range"]) for s in r["slices"]] == [
+        ("deep-ft1", [0, 5]),
+        ("deep-ft2", [3, 8]),
+    ]
+    c, v = by["frankenmerge of ft1: layers 0-4 + 3-7 (torch)"]  # derived, with its layer map: a passthrough of one model
+    assert [s["sources"][0]["layer_range"] for s in recipe_of(c, v)["slices"]] == [[0, 5], [3, 8]]

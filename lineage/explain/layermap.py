@@ -165,6 +165,7 @@ class LayerMap:
         if all(i == j for i, j in mapping.items()):
             return None
         verdict["layer_map"] = {str(i): j for i, j in sorted(mapping.items())}
+        verdict["layer_map_copies"] = all(copy for *_, copy in best.values())
         text = ", ".join(f"{i}->{j}" for i, j in sorted(mapping.items()))
         low = min(c for _, _, c, _ in best.values())
         repeated = sorted({j for j in mapping.values() if list(mapping.values()).count(j) > 1})

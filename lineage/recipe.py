@@ -1,0 +1,176 @@
+"""A blend's verdict as the mergekit configuration that would make it again.
+
+For a blend (and a derived suspect whose layers are copies of its parent's,
+rearranged or repeated: a passthrough of one model) `recipe` writes the configuration mergekit takes:
+`merge_method`, `base_model`, the models from the candidates' sources, with
+each parent's weight (or slerp's t) as a scalar, a gradient (the schedule's
+anchors) or a per-filter list (`self_attn`, `mlp`, and the value for the
+rest), passthrough `slices` from `layer_sources`, and the suspect's dtype.
+Every field comes from the verdict, and the comment block above it says
+from what evidence. What weights cannot give is said there too: a sparse
+merge's density is an estimate, DARE's random masks cannot be replayed, and
+a merge trained afterwards is reproduced only up to that training.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import yaml
+
+#: Schedule components -> the mergekit filter that addresses them.
+FILTERS = {"attention": "self_attn", "mlp": "mlp", "expert": "experts", "router": "gate"}
+DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+def model_ref(source: str) -> str:
+    """A candidate's source as mergekit names a model: hf://ORG/NAME@REV -> ORG/NAME@REV, a path as is."""
+    return source[len("hf://") :] if source.startswith("hf://") else source
+
+
+def dtype_of(dtypes: list[str]) -> str:
+    """The mergekit dtype of the suspect's most common float dtype (FP8 and others: bfloat16)."""
+    common = Counter(d for d in dtypes if d.startswith(("F", "BF"))).most_common(1)
+    return DTYPES.get(common[0][0], "bfloat16") if common else "bfloat16"
+
+
+def setting(s: dict | None, scalar: float) -> Any:
+    """A parameter value as mergekit takes it, from a schedule (schedule.py): a scalar, a gradient
+    (anchors spread evenly over the layers; a free per-layer schedule is a gradient with one anchor
+    per layer), or a per-filter list ending with the value for the rest."""
+    if not s or s["kind"] == "constant":
+        return round(s["anchors"][0], 4) if s and s.get("anchors") else round(scalar, 4)
+    if s["kind"] in ("linear", "piecewise"):
+        return [round(x, 4) for x in s["anchors"]]
+
+    def value(comp: str) -> Any:
+        p = s["components"][comp]
+        if p["kind"] == "per_layer":
+            layers = s["per_layer"][comp]
+            return [layers[i] for i in sorted(layers, key=int)]
+        return p["anchors"][0] if p["kind"] == "constant" else p["anchors"]
+
+    comps = [c for c in s.get("components", {}) if c in FILTERS]
+    if len(comps) == 1:
+        return value(comps[0])
+    out: list[dict] = [{"filter": FILTERS[c], "value": value(c)} for c in comps]
+    rest = s.get("outside_stack") or {}
+    out.append({"value": round(sum(rest.values()) / len(rest), 4) if rest else round(scalar, 4)})
+    return out
+
+
+def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
+    """(mergekit configuration, comment lines with the evidence) for verdict `v`, or None."""
+    src = {n: model_ref(r["source"]) for n, r in (v.get("sources") or {}).items()}
+    method, parents = v.get("method"), v.get("parents") or []
+    notes: list[str] = []
+    cfg: dict[str, Any]
+    if v["verdict"] == "derived" and v.get("layer_map") and v.get("layer_map_copies"):
+        name = parents[0]["name"]
+        cfg = {
+            "merge_method": "passthrough",
+            "slices": slices({i: {"model": name, "layer": j} for i, j in v["layer_map"].items()}, src),
+        }
+        notes.append(f"layer_map: suspect layers taken from {name} as {v['layer_map']}")
+    elif v["verdict"] != "blend":
+        return None
+    elif method == "passthrough":
+        cfg = {"merge_method": "passthrough", "slices": slices(v["layer_sources"], src)}
+        notes.append("layer_sources: every layer a copy, within storage rounding, of the source layer")
+    elif method == "slerp":
+        sl = v["slerp"]
+        t = setting(sl.get("t_schedule"), sl["t"])
+        cfg = {
+            "merge_method": "slerp",
+            "base_model": src[sl["from"]],
+            "models": [{"model": src[sl["from"]]}, {"model": src[sl["toward"]]}],
+            "parameters": {"t": t},
+        }
+        notes.append(f"slerp from {sl['from']} toward {sl['toward']}: t {sl['t']:.4f}, 95% interval {sl['ci95']}")
+        notes.append(
+            "which endpoint mergekit was given as base cannot be told from the weights (slerp(a, b, t) = slerp(b, a, 1 - t))"
+        )
+    elif method == "task_arithmetic":
+        cfg = {
+            "merge_method": "task_arithmetic",
+            "base_model": src[v["base"]],
+            "models": [{"model": src[p["name"]], "parameters": {"weight": weight(v, p)}} for p in parents],
+        }
+        notes.append(f"base {v['base']}: the candidate at a clearly negative weight in the affine fit")
+    elif method == "unknown" and v.get("merge_family"):
+        fam = v["merge_family"]
+        base = v["base"]
+        near = (v.get("evidence", {}).get("blend", {}).get("median_near_frac") or {}).get(base)
+        density = round(1 - near**0.5, 2) if near is not None and len(parents) == 2 else None
+        cfg = {
+            "merge_method": "ties" if fam == "ties" else "dare_ties",
+            "base_model": src[base],
+            "models": [
+                {"model": src[p["name"]], "parameters": {"weight": weight(v, p), **({"density": density} if density else {})}}
+                for p in parents
+            ],
+        }
+        notes.append(f"sparse merge, {fam} family (dropped-delta energy); weights are the linear projection, not the recipe's")
+        if density:
+            notes.append(
+                f"density {density}: estimated from the {near:.2f} of elements left at {base}'s value (both deltas dropped: (1 - d)^2)"
+            )
+        if fam != "ties":
+            notes.append("DARE draws random masks: rerunning gives another draw, equal in distribution only")
+    else:
+        cfg = {
+            "merge_method": "linear",
+            "models": [{"model": src[p["name"]], "parameters": {"weight": weight(v, p)}} for p in parents],
+        }
+        if method == "unknown":
+            notes.append("the merge was changed afterwards (trained further): this reproduces the merge up to that training")
+    cfg["dtype"] = dtype_of(dtypes)
+    for p in parents:
+        notes.append(f"{p['name']}: weight {p['weight']:.4f}, 95% interval {p['ci95']}")
+    if v.get("residual"):
+        notes.append(f"the blend leaves {v['residual']['of_best_single_parent']:.2f} of the best single parent's residual")
+    return cfg, notes
+
+
+def _clean(x: Any) -> Any:
+    """-0.0 -> 0.0 through nested lists and dicts (a rounded tiny negative reads badly)."""
+    if isinstance(x, float):
+        return 0.0 if x == 0 else x
+    if isinstance(x, list):
+        return [_clean(y) for y in x]
+    if isinstance(x, dict):
+        return {k: _clean(y) for k, y in x.items()}
+    return x
+
+
+def weight(v: dict, p: dict) -> Any:
+    return setting((v.get("schedule") or {}).get(p["name"]), p["weight"])
+
+
+def slices(sources: dict[str, dict], src: dict[str, str]) -> list[dict]:
+    """Passthrough slices: runs of consecutive suspect layers from consecutive layers of one model."""
+    out: list[dict] = []
+    run: list[Any] | None = None
+    for i in sorted(sources, key=int):
+        m, j = sources[i]["model"], sources[i]["layer"]
+        if run is not None and run[0] == m and run[2] == j:
+            run[2] = j + 1
+            continue
+        if run is not None:
+            out.append({"sources": [{"model": src[run[0]], "layer_range": [run[1], run[2]]}]})
+        run = [m, j, j + 1]
+    if run is not None:
+        out.append({"sources": [{"model": src[run[0]], "layer_range": [run[1], run[2]]}]})
+    return out
+
+
+def render(v: dict, dtypes: list[str]) -> str | None:
+    """The recipe file's text: the evidence as comments, then the configuration."""
+    r = recipe(v, dtypes)
+    if r is None:
+        return None
+    cfg, notes = r
+    head = [f"# mergekit configuration recovered by lineage from the weights of {v['suspect']} (verdict {v['verdict']})"]
+    head += [f"# {n}" for n in notes]
+    return "\n".join(head) + "\n" + yaml.safe_dump(_clean(cfg), sort_keys=False)
