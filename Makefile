@@ -17,6 +17,12 @@ $(BIN)/.ready: pyproject.toml
 	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
+# test-all also installs mergekit (the `merge` extra): lineage certify and the
+# evaluation set's real mergekit merges are tested with it.
+$(BIN)/.ready-merge: $(BIN)/.ready
+	$(BIN)/pip install -q -e '.[test,merge]' --config-settings editable_mode=compat
+	touch $@
+
 setup: $(BIN)/.ready
 
 demo: setup
@@ -32,7 +38,7 @@ test: lint
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -m "not slow"
 
 # Everything, as CI runs it.
-test-all: lint
+test-all: lint $(BIN)/.ready-merge
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
 
 clean:

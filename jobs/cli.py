@@ -1,8 +1,10 @@
-"""The `lineage` command: `audit`, `show`, `report`.
+"""The `lineage` command: `audit`, `show`, `report`, `certify`.
 
     lineage audit [hydra overrides]     the same as `python -m jobs.audit ...`
     lineage show OUTPUT_DIR             the verdict table and explanations, from the Parquet (no Ray)
     lineage report OUTPUT_DIR           (re)writes OUTPUT_DIR/report.html and prints its path
+    lineage certify OUTPUT_DIR          reruns each blend's recovered recipe with mergekit and
+                                        compares the result with the suspect (lineage/certify.py)
 
 Installed as a console script, it runs from any folder: its own directory
 is not the current one, so a folder that happens to be called `lineage`
@@ -11,6 +13,9 @@ is not the current one, so a folder that happens to be called `lineage`
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +26,8 @@ USAGE = """usage: lineage COMMAND ...
   lineage audit [hydra overrides]   audit a model set (lineage audit --help for the settings)
   lineage show OUTPUT_DIR           print an audit's verdicts and explanations again (no Ray)
   lineage report OUTPUT_DIR         write OUTPUT_DIR/report.html again and print its path
+  lineage certify OUTPUT_DIR        rerun each blend's recovered recipe (verdicts/*.recipe.yaml) with
+                                    mergekit (pip install 'lineage[merge]') and compare with the suspect
 
 exit codes: 0 done; 1 configuration error; 2 bad input, nothing audited; 3 some suspects
 could not be opened (the others were audited); 130 / 143 stopped (a rerun resumes)
@@ -57,14 +64,67 @@ def main(argv: list[str] | None = None) -> None:
             from lineage.report import render
 
             print(render(_output_dir(rest)))
+        elif cmd == "certify":
+            certify(_output_dir(rest))
         else:
-            raise LineageError(f"unknown command {cmd!r} (known: audit, show, report)")
+            raise LineageError(f"unknown command {cmd!r} (known: audit, show, report, certify)")
     except LineageError as e:
         print(f"lineage: error: {printable(e)}", file=sys.stderr)
         sys.exit(LineageError.exit_code)
     except OSError as e:
         print(f"lineage: error: {printable(e)}", file=sys.stderr)
         sys.exit(LineageError.exit_code)
+
+
+def mergekit_yaml() -> str:
+    """The mergekit-yaml executable: beside this Python's, else on PATH."""
+    here = Path(sys.executable).parent / "mergekit-yaml"
+    found = str(here) if here.is_file() else shutil.which("mergekit-yaml")
+    if found is None:
+        raise LineageError("lineage certify needs mergekit: pip install 'lineage[merge]' (or mergekit==0.1.5)")
+    return found
+
+
+def certify(out: Path) -> None:
+    """Rerun every recipe in `out`/verdicts with mergekit into `out`/certify/SUSPECT, compare with the
+    suspect, and write the certificate into the verdict (JSON) and `verdicts/SUSPECT.certificate.json`."""
+    from lineage.certify import certificate, compare
+    from lineage.output import atomic_write_bytes
+
+    todo = []
+    for f in sorted((out / "verdicts").glob("*.json")):
+        if f.name.endswith(".certificate.json"):
+            continue
+        v = json.loads(f.read_text())
+        if v.get("recipe"):
+            todo.append((f, v))
+    if not todo:
+        print(f"{out}: no verdict has a recipe (only blends, and stacks of one model's layers, do)")
+        return
+    exe = mergekit_yaml()
+    for f, v in todo:
+        name = v["suspect"]
+        src = ((v.get("sources") or {}).get(name) or {}).get("source", "")
+        if src.startswith("hf://"):
+            print(f"{name}: skipped: certify compares with local files, and {src} is a hub source (download it first)")
+            continue
+        rerun = out / "certify" / name
+        shutil.rmtree(rerun, ignore_errors=True)
+        rerun.parent.mkdir(parents=True, exist_ok=True)
+        log = out / "certify" / f"{name}.log"
+        with open(log, "wb") as lf:
+            r = subprocess.run([exe, str(out / v["recipe"]), str(rerun), "--no-copy-tokenizer"], stdout=lf, stderr=subprocess.STDOUT)
+        if r.returncode != 0:
+            print(f"{name}: mergekit failed on the recipe (exit {r.returncode}); its output is in {log}")
+            continue
+        cert = certificate(v, compare(rerun, Path(src)), f"certify/{name}")
+        v["certificate"] = cert
+        atomic_write_bytes(f, (json.dumps(v, indent=2) + "\n").encode())
+        atomic_write_bytes(out / "verdicts" / f"{name}.certificate.json", (json.dumps(cert, indent=2) + "\n").encode())
+        print(
+            f"{name}: {v.get('method')}: {cert['within_storage_rounding']}/{cert['tensors']} tensors within the storage "
+            f"dtype's rounding, largest relative distance {cert['max_rel_dist']:.2g}: {cert['note']}"
+        )
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""The reduced evaluation set in CI: every case gets its expected verdict.
+"""The reduced evaluation set in CI (3 seeds): every case gets its expected verdict.
 
-mergekit merges join the set only where mergekit is installed (see
-benchmarks/evalset.py); CI runs the casts, renames, noise, fine-tunes,
-siblings, pruning, permutation, torch-made linear and task-arithmetic
-blends, and unrelated pairs.
+The casts, renames, noise, fine-tunes, siblings, pruning, permutations,
+torch-made merges of every kind (benchmarks/evalset.py and wild.py) and
+unrelated pairs; and the real mergekit merges where mergekit is installed,
+as `make test-all` (and so CI) installs it.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,13 +20,14 @@ from lineage.audit import run_local
 from tests.golden import load, same
 
 pytestmark = pytest.mark.slow  # builds and audits the whole evaluation set: `make test-all`
+MERGEKIT = importlib.util.find_spec("mergekit") is not None
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     results = []
-    for c in cases(root / "models", seeds=3, with_mergekit=False):
+    for c in cases(root / "models", seeds=3, with_mergekit=MERGEKIT):
         c["out"] = root / "audits" / str(len(results))
         (v,) = run_local(model_set(c), c["out"])
         results.append((c, v))
@@ -46,7 +48,7 @@ def test_blend_weights_within_0_02(evaluated):
         w = {p["name"]: p["weight"] for p in v["parents"]}
         for name, expected in c["weights"].items():
             assert abs(w[name] - expected) < 0.02, (c["name"], name, w)
-        if c["base"]:
+        if c["base"] and abs(sum(c["weights"].values()) - 1) > 1e-9:  # summing to 1, it is exactly linear
             assert (v["method"], v["base"]) == ("task_arithmetic", c["base"])
 
 
@@ -115,7 +117,8 @@ def test_verdicts_unchanged_from_the_stored_copy(evaluated):
     when a verdict is meant to change, and the commit says so)."""
     stored = load("eval_verdicts.json")
     for c, v in evaluated:
-        assert same(v, stored[c["name"]]) == [], c["name"]
+        if not c["name"].startswith("mergekit"):  # mergekit's DARE draws random masks; judged above
+            assert same(v, stored[c["name"]]) == [], c["name"]
 
 
 def test_schedules_are_reported_with_their_anchors(evaluated):
@@ -138,7 +141,7 @@ def test_schedules_are_reported_with_their_anchors(evaluated):
     assert comps["attention"]["anchors"] == pytest.approx(SLERP_ATTN, abs=0.03)
     assert comps["mlp"]["anchors"] == pytest.approx(SLERP_MLP, abs=0.03)
     errors = {c["name"]: schedule_error(c, v) for c, v in evaluated if c.get("schedule")}
-    assert len(errors) == 3 and max(errors.values()) < 0.02, errors
+    assert len(errors) == (5 if MERGEKIT else 3) and max(errors.values()) < 0.02, errors
 
 
 def test_a_merge_trained_afterwards_is_a_blend_and_a_sibling_is_not(evaluated):
