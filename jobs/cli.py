@@ -113,7 +113,9 @@ def certify(out: Path) -> None:
         rerun.parent.mkdir(parents=True, exist_ok=True)
         log = out / "certify" / f"{name}.log"
         with open(log, "wb") as lf:
-            r = subprocess.run([exe, str(out / v["recipe"]), str(rerun), "--no-copy-tokenizer"], stdout=lf, stderr=subprocess.STDOUT)
+            r = subprocess.run(
+                [exe, str(out / v["recipe"]), str(rerun), "--no-copy-tokenizer"], stdout=lf, stderr=subprocess.STDOUT
+            )
         if r.returncode != 0:
             print(f"{name}: mergekit failed on the recipe (exit {r.returncode}); its output is in {log}")
             continue

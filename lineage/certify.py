@@ -55,12 +55,16 @@ def compare(rerun: Path, suspect: Path) -> dict:
             s = h.get_tensor(name)
         dtype = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}.get(s.dtype)
         if name not in made or dtype is None:
-            rows.append({"tensor": name, "rel_dist": None, "within": False, "reason": "missing" if name not in made else "not a float"})
+            rows.append(
+                {"tensor": name, "rel_dist": None, "within": False, "reason": "missing" if name not in made else "not a float"}
+            )
             continue
         with safe_open(str(made[name]), framework="pt") as h:
             r = h.get_tensor(name)
         if r.shape != s.shape:
-            rows.append({"tensor": name, "rel_dist": None, "within": False, "reason": f"shape {list(r.shape)} != {list(s.shape)}"})
+            rows.append(
+                {"tensor": name, "rel_dist": None, "within": False, "reason": f"shape {list(r.shape)} != {list(s.shape)}"}
+            )
             continue
         s64, r64 = s.double(), r.double()
         rel = float((r64 - s64).norm() / s64.norm().clamp_min(1e-300))
