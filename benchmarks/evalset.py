@@ -423,6 +423,8 @@ def judge(c: dict, v: dict) -> list[str]:
         src = {i: (s.get("model"), s.get("layer")) for i, s in (v.get("layer_sources") or {}).items()}
         if src != c["layer_sources"]:
             wrong.append(f"layer_sources {src}")
+    if c.get("after") and (v.get("after_merge") or {}).get("kind") != c["after"]:
+        wrong.append(f"after_merge {(v.get('after_merge') or {}).get('kind')}")
     w = {p["name"]: p["weight"] for p in v["parents"]}
     for n, x in c["weights"].items():
         if abs(w.get(n, 0.0) - x) >= 0.02:
@@ -546,6 +548,9 @@ def main() -> None:
         if se is not None:
             sched_errors.append((c["name"], se))
             note += f" schedule error {se:.3f}"
+        if v.get("after_merge", {}).get("kind"):
+            am = v["after_merge"]
+            note += f" after: {am['kind']}" + (f" {am['layers']}" if am.get("layers") else "")
         if c.get("note"):
             note += f" ({c['note']})"
         if v.get("recipe") and a.certify:

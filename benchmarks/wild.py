@@ -179,6 +179,28 @@ def cases(
         parents={"ft1", "ft2"},
         note=f"training moved it {moved(dare_t, dare, ft[1], d0):.2f} of ft1's delta",
     )
+    # -- what happened after the merge ---------------------------------------------------------
+    mix64 = {k: 0.6 * ft[1][k] + 0.4 * ft[2][k] for k in names}
+    tail = built("w-after-layers-w", lambda: finetune(mix64, "ft-c", 34, trainable=lambda k: layer_index(k) in (6, 7), **AFTER))
+    add(
+        "linear 0.6/0.4, then layers 6-7 trained (torch)",
+        out("w-after-layers", tail),
+        fam,
+        "blend",
+        {"ft1": 0.6, "ft2": 0.4},
+        after="layers",
+    )
+    gn = torch.Generator().manual_seed(35)
+    noisy = {k: v + 0.007 * v.std() * torch.randn(v.shape, generator=gn) for k, v in mix64.items()}
+    add(
+        "linear 0.6/0.4 + 0.7% noise (torch)",
+        out("w-after-noise", noisy),
+        fam,
+        "blend",
+        {"ft1": 0.6, "ft2": 0.4},
+        after="uniform",
+    )
+    add("linear 0.6/0.4, nothing after (torch)", out("w-after-none", mix64), fam, "blend", {"ft1": 0.6, "ft2": 0.4}, after="none")
     # -- three parents -----------------------------------------------------------------------
     three = {k: 0.5 * ft[1][k] + 0.3 * ft[2][k] + 0.2 * ft[3][k] for k in names}
     add("linear 0.5/0.3/0.2, three parents (torch)", out("w-three", three), fam3, "blend", {"ft1": 0.5, "ft2": 0.3, "ft3": 0.2})

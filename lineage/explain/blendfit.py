@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 
+from lineage.explain.aftermerge import after_merge
+from lineage.explain.aftermerge import describe as describe_after
 from lineage.explain.evidence import Evidence, median, weighted
 from lineage.explain.schedule import describe, schedule
 from lineage.explain.thresholds import (
@@ -186,15 +188,26 @@ def tail(ev: Evidence) -> str:
         )
     scheds = {n: fit.schedules[n] for n in fit.material if n in fit.schedules}
     if all(s["kind"] == "constant" for s in scheds.values()):
-        return text + "; the weights agree across tensors."
-    return text + "; the weights follow a schedule: " + "; ".join(describe(n, s) for n, s in scheds.items()) + "."
+        text += "; the weights agree across tensors."
+    else:
+        text += "; the weights follow a schedule: " + "; ".join(describe(n, s) for n, s in scheds.items()) + "."
+    return text + describe_after(after(ev))
+
+
+def after(ev: Evidence) -> dict:
+    """What happened after the merge (aftermerge.py), once per suspect."""
+    fit = blend_fit(ev)
+    use = fit.evidence["candidates"]
+    return ev.memo("after_merge", lambda: after_merge(ev, use, ev.declared if ev.declared in use else None))
 
 
 def extras(ev: Evidence) -> dict:
-    """The blend's optional verdict fields: each parent's schedule, and the residual it leaves."""
+    """The blend's optional verdict fields: each parent's schedule, the residual it leaves, and
+    what that residual says happened after the merge."""
     fit = blend_fit(ev)
     e = fit.evidence
     return {
+        "after_merge": after(ev),
         "schedule": {n: fit.schedules[n] for n in fit.material if n in fit.schedules},
         "residual": {
             "of_best_single_parent": e["median_gain"],

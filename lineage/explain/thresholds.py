@@ -26,6 +26,12 @@ BLEND_GAIN = 0.7
 #: ...a sparsified merge (TIES/DARE), whose drop pattern is noise to a linear
 #: fit, at most this fraction.
 SPARSE_GAIN = 0.9
+#: After the merge (explain/aftermerge.py): a matrix was changed when the blend leaves
+#: more than this many times the storage rounding (RMS) of its result...
+AFTER_CHANGED = 2.0
+#: ...and a change is `uniform` (noise-like) when the relative residual varies across
+#: matrices by at most this coefficient of variation.
+AFTER_UNIFORM_CV = 0.25
 #: A sparsified merge is recognised by the suspect coinciding, within storage
 #: rounding, with the base and each parent on at least this median fraction of
 #: elements (dropped and kept deltas leave exactly that).
