@@ -358,6 +358,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
                 weights,
                 base="base" if "base_model: {base}" in tmpl else None,
                 family=family,
+                method="model_stock" if method == "model_stock" else None,
             )
     unrel = {"seed0": paths[0], "seed1": paths[1]}
     sl = {k: slerp(models[0][k], models[1][k], 0.6).to(torch.bfloat16) for k in base}

@@ -86,6 +86,19 @@ def int4(w: dict[str, torch.Tensor], group: int = 32) -> dict[str, torch.Tensor]
     return out
 
 
+def model_stock(base: dict[str, torch.Tensor], tuned: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Model Stock as mergekit computes it, per tensor: t avg + (1 - t) base, t = N cos / (1 + (N - 1) cos)."""
+    out = {}
+    n = len(tuned)
+    for k, b in base.items():
+        d = [(f[k] - b).double().flatten() for f in tuned]
+        cos = [float(d[i] @ d[j] / max(float(d[i].norm() * d[j].norm()), 1e-6)) for i in range(n) for j in range(i + 1, n)]
+        c = max(-1.0, min(1.0, sum(cos) / len(cos)))
+        t = 0.0 if abs(1 + (n - 1) * c) < 1e-6 else n * c / (1 + (n - 1) * c)
+        out[k] = (t * sum(f[k] for f in tuned) / n + (1 - t) * b).float()
+    return out
+
+
 def stack(parts: list[tuple[dict[str, torch.Tensor], int, int]]) -> dict[str, torch.Tensor]:
     """A passthrough frankenmerge as mergekit makes it: layers [start, end) of each model in turn,
     renumbered; the embeddings from the first model, the final norm and head from the last."""
@@ -204,6 +217,15 @@ def cases(
     # -- three parents -----------------------------------------------------------------------
     three = {k: 0.5 * ft[1][k] + 0.3 * ft[2][k] + 0.2 * ft[3][k] for k in names}
     add("linear 0.5/0.3/0.2, three parents (torch)", out("w-three", three), fam3, "blend", {"ft1": 0.5, "ft2": 0.3, "ft3": 0.2})
+    stock = model_stock(d0, [ft[1], ft[2], ft[3]])
+    add(
+        "model stock of three fine-tunes (torch)",
+        out("w-stock", stock),
+        fam3,
+        "blend",
+        method="model_stock",
+        parents={"ft1", "ft2", "ft3"},
+    )
     # -- frankenmerges with repeated layers -----------------------------------------------------
     rep_map = {str(i): i for i in range(5)} | {str(i): i - 2 for i in range(5, 10)}
     add(
@@ -347,7 +369,7 @@ def cases(
         "merge_method: model_stock\nbase_model: {deep-0}\nmodels:\n  - model: {deep-ft1}\n  - model: {deep-ft2}\n  - model: {deep-ft3}\ndtype: bfloat16\n",
     )
     if folder is not None:
-        add("mergekit model_stock, three fine-tunes", folder, fam3, "blend", parents={"ft1", "ft2", "ft3"})
+        add("mergekit model_stock, three fine-tunes", folder, fam3, "blend", method="model_stock", parents={"ft1", "ft2", "ft3"})
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:

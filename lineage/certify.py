@@ -24,7 +24,7 @@ from lineage.errors import LineageError
 from lineage.files import inside
 
 #: Methods whose rerun is deterministic (mergekit's DARE draws its masks at random).
-DETERMINISTIC = ("linear", "task_arithmetic", "slerp", "passthrough", "ties")
+DETERMINISTIC = ("linear", "task_arithmetic", "slerp", "passthrough", "ties", "model_stock")
 
 
 def _tensors(folder: Path) -> dict[str, Path]:

@@ -91,6 +91,17 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         notes.append(
             "which endpoint mergekit was given as base cannot be told from the weights (slerp(a, b, t) = slerp(b, a, 1 - t))"
         )
+    elif method == "model_stock":
+        cfg = {
+            "merge_method": "model_stock",
+            "base_model": src[v["base"]],
+            "models": [{"model": src[p["name"]]} for p in parents],
+        }
+        ms = v.get("evidence", {}).get("model_stock", {})
+        notes.append(
+            f"model_stock on base {v['base']}: the fine-tunes' equal weights and the base's follow the formula "
+            f"(median t {ms.get('median_t', float('nan')):.3f}, within {ms.get('median_t_error', float('nan')):.1e} of it)"
+        )
     elif method == "task_arithmetic":
         cfg = {
             "merge_method": "task_arithmetic",

@@ -4,8 +4,8 @@
 order until one answers (a copy is identical before it is anything else; a
 layer stack before a blend; a suspect no candidate relates to is settled
 before any blend is fitted; among blends the most specific signature wins:
-sparse, then a merge trained afterwards, then task arithmetic, then slerp,
-then linear; derived is what a
+sparse, then a merge trained afterwards, then task arithmetic, then Model
+Stock, then slerp, then linear; derived is what a
 related suspect is when no blend explains it). Refiners then amend that
 answer: a layer map, then undone permutations.
 
@@ -28,6 +28,7 @@ from lineage.explain.evidence import Candidate, Evidence
 from lineage.explain.identical import Identical
 from lineage.explain.layermap import LayerMap
 from lineage.explain.linear import Linear
+from lineage.explain.model_stock import ModelStock
 from lineage.explain.passthrough import Passthrough
 from lineage.explain.permutation import Permutations
 from lineage.explain.slerp import Slerp
@@ -45,6 +46,7 @@ REGISTRY: tuple[Explainer, ...] = (
     Sparse(),
     TrainedMerge(),
     TaskArithmetic(),
+    ModelStock(),
     Slerp(),
     Linear(),
     Derived(),

@@ -59,6 +59,9 @@ SCHEDULE_TOL = 0.03
 TRAINED_GAIN = 0.9
 TRAINED_MIN_WEIGHT = 0.2
 TRAINED_MAX_BASE = 0.1
+#: Model Stock (explain/model_stock.py): the base's fitted weight must match the formula's
+#: prediction, and the fine-tunes' weights each other, within this on the median matrix.
+MODEL_STOCK_TOL = 0.01
 #: Dropped-delta energy ratio (explain/sparse.py): TIES trims the smallest
 #: deltas (0.31-0.33 for mergekit ties at density 0.5), DARE drops at random
 #: (0.93-0.94 for mergekit dare_ties and dare_linear).
