@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks import wild
+from benchmarks import attacks, wild
 from benchmarks.tinyllama import corpus, train
 from lineage.audit import run_local
 from lineage.demo import fp8_quantize
@@ -390,6 +390,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
                 add(f"unrelated small seeds {a} vs {b}", small[b], {f"small{a}": small[a]}, "unrelated")
     add("minilm vs llama-0 (other shapes)", save(root / "mini-copy", real, None), {"llama": paths[0]}, "inconclusive")
     wild.cases(root, add, built, finetune, llama, save, mergekit if with_mergekit else lambda folder, config: None)
+    attacks.cases(root, add, save, LLAMA, models, paths, fam, (ft1, ft2), real, mini)
     return out
 
 
@@ -426,6 +427,8 @@ def judge(c: dict, v: dict) -> list[str]:
             wrong.append(f"layer_sources {src}")
     if c.get("after") and (v.get("after_merge") or {}).get("kind") != c["after"]:
         wrong.append(f"after_merge {(v.get('after_merge') or {}).get('kind')}")
+    if c.get("undone") and not set(c["undone"]) <= set(v.get("undone") or []):
+        wrong.append(f"undone {v.get('undone')}")
     w = {p["name"]: p["weight"] for p in v["parents"]}
     for n, x in c["weights"].items():
         if abs(w.get(n, 0.0) - x) >= 0.02:

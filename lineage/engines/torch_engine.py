@@ -86,32 +86,9 @@ def accumulate_shared(
             if keep is not None and i == 0:
                 keep.append(sx[:n].float().cpu().numpy().copy())
             st, ps = a["st"], [cx[j] for j in sub]
-            m = len(ps) + 1
             if count_nonfinite(st, st.order, [sx.numel() - int(torch.isfinite(sx).sum()), *[cbad[j] for j in sub]]):
                 continue
-            ref = ps[0].to(torch.float64)
-            y = torch.empty(sx.numel(), m, dtype=torch.float64, device=device)
-            y[:, 0] = ref
-            for j, p in enumerate(ps[1:], start=1):
-                torch.sub(p.to(torch.float64), ref, out=y[:, j])
-            torch.sub(sx.to(torch.float64), ref, out=y[:, m - 1])
-            kept_ref = None
-            for q, p in enumerate(ps):
-                st.exact[q] += int((sx == p).sum())
-                d = sx.to(torch.float64) - p.to(torch.float64)
-                close = d.abs() <= a["tols"][q] * p.to(torch.float64).abs()
-                st.near[q] += int(close.sum())
-                if q == 0:
-                    kept_ref = close
-                else:  # y[:, q] is p_q - r
-                    st.dropped[q] += float(y[:, q][kept_ref].pow(2).sum())
-            a["gram"] += (y.T @ y).cpu()
-            a["sums"] += y.sum(0).cpu()
-            by_row = y.view(-1, cols, m)
-            rs = by_row.sum(1)
-            a["rowgram"] += (rs.T @ rs).cpu()
-            a["colsum"] += by_row.sum(0).T
-            st.n += sx.numel()
+            add_chunk(a, sx, ps, cols, device)
     out = []
     for a in acc:
         st = a["st"]
@@ -123,3 +100,58 @@ def accumulate_shared(
         )
         out.append(st)
     return out, read
+
+
+def stats_of(s, ps: list, order: list[str], tols: list[float]) -> Stats:
+    """Stats of a suspect matrix `s` against candidates `ps` already in memory (2-D torch
+    tensors of one shape, e.g. transformed into the suspect's gauge: lineage/gauge_work.py)."""
+    import torch
+
+    cols = s.shape[1]
+    m = len(order) + 1
+    a = {
+        "st": Stats(order, cols=cols),
+        "colsum": torch.zeros(m, cols, dtype=torch.float64),
+        "gram": torch.zeros(m, m, dtype=torch.float64),
+        "sums": torch.zeros(m, dtype=torch.float64),
+        "rowgram": torch.zeros(m, m, dtype=torch.float64),
+        "tols": tols,
+    }
+    st = a["st"]
+    sx, px = s.reshape(-1), [p.reshape(-1) for p in ps]
+    bad = [x.numel() - int(torch.isfinite(x).sum()) for x in (sx, *px)]
+    if not count_nonfinite(st, order, bad):
+        add_chunk(a, sx, px, cols, "cpu")
+    st.gram, st.sums, st.rowgram, st.colsum = a["gram"].numpy(), a["sums"].numpy(), a["rowgram"].numpy(), a["colsum"].numpy()
+    return st
+
+
+def add_chunk(a: dict, sx, ps: list, cols: int, device: str) -> None:
+    """Add one chunk (flattened whole rows) of a suspect and its candidates to the accumulators `a`."""
+    import torch
+
+    st = a["st"]
+    m = len(ps) + 1
+    ref = ps[0].to(torch.float64)
+    y = torch.empty(sx.numel(), m, dtype=torch.float64, device=device)
+    y[:, 0] = ref
+    for j, p in enumerate(ps[1:], start=1):
+        torch.sub(p.to(torch.float64), ref, out=y[:, j])
+    torch.sub(sx.to(torch.float64), ref, out=y[:, m - 1])
+    kept_ref = None
+    for q, p in enumerate(ps):
+        st.exact[q] += int((sx == p).sum())
+        d = sx.to(torch.float64) - p.to(torch.float64)
+        close = d.abs() <= a["tols"][q] * p.to(torch.float64).abs()
+        st.near[q] += int(close.sum())
+        if q == 0:
+            kept_ref = close
+        else:  # y[:, q] is p_q - r
+            st.dropped[q] += float(y[:, q][kept_ref].pow(2).sum())
+    a["gram"] += (y.T @ y).cpu()
+    a["sums"] += y.sum(0).cpu()
+    by_row = y.view(-1, cols, m)
+    rs = by_row.sum(1)
+    a["rowgram"] += (rs.T @ rs).cpu()
+    a["colsum"] += by_row.sum(0).T
+    st.n += sx.numel()

@@ -7,7 +7,8 @@ before any blend is fitted; among blends the most specific signature wins:
 sparse, then a merge trained afterwards, then task arithmetic, then Model
 Stock, then slerp, then linear; derived is what a
 related suspect is when no blend explains it). Refiners then amend that
-answer: a layer map, then undone permutations.
+answer: a layer map, then undone permutations, then a residual stream
+permuted or rotated (explain/gauge.py).
 
 Adding a way of explaining a suspect: one file with an `Explanation`
 subclass (see base.py), and one line here.
@@ -25,6 +26,7 @@ from collections.abc import Callable, Generator
 from lineage.explain.base import Explainer
 from lineage.explain.derived import Derived
 from lineage.explain.evidence import Candidate, Evidence
+from lineage.explain.gauge import GaugeEstimate, GaugeRefit
 from lineage.explain.identical import Identical
 from lineage.explain.layermap import LayerMap
 from lineage.explain.linear import Linear
@@ -53,6 +55,8 @@ REGISTRY: tuple[Explainer, ...] = (
     # refiners, on the answer above
     LayerMap(),
     Permutations(),
+    GaugeEstimate(),
+    GaugeRefit(),
 )
 
 __all__ = ["REGISTRY", "Candidate", "Evidence", "decide", "decide_with"]

@@ -99,3 +99,9 @@ LAYERMAP_CANDIDATES = 4
 MAX_PERMUTATION_SEARCH = 512
 #: ...each of at most this many elements (read whole by one worker).
 MAX_PERMUTATION_ELEMENTS = 1 << 26
+#: Gauge (explain/gauge.py): a candidate's embedding must fit the suspect's at least this
+#: well once rotated (an unrelated model's reached 0.30 with 1,000 rows of hidden size
+#: 128, a disguised copy 1.0), and at least this much better than as it is, before the
+#: other matrices are refitted in the transformed gauge.
+GAUGE_MIN_CORR = 0.5
+GAUGE_MIN_GAIN = 0.2

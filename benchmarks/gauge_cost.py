@@ -1,0 +1,64 @@
+"""Cost of undoing a disguised residual stream, relative to the fit (issue 15).
+
+    python -m benchmarks.gauge_cost [--hidden 512] [--layers 8]
+
+Builds a Llama-shaped model (random init, float32), a copy of it with the
+hidden dimension permuted and one with the residual stream rotated (norm
+gains folded, random new gains), and audits each against the original with
+`run_local`: the plain copy costs the fit alone; the disguised ones add the
+gauge estimate (a sample of embedding rows) and the refit in the
+suspect's gauge. Prints seconds and the ratio to the plain audit, measured
+in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import attacks
+from benchmarks.evalset import init_llama, save
+from lineage.audit import run_local
+from lineage.modelset import ModelSet
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    a = ap.parse_args()
+    cfg = {"hidden": a.hidden, "inter": a.hidden * 11 // 4, "layers": a.layers, "heads": 8, "kv": 4, "vocab": 16000}
+    base = init_llama(0, cfg)
+    mb = sum(v.numel() * 4 for v in base.values()) / 1e6
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        p = save(root / "base", base, shape=cfg)
+        suspects = {
+            "plain copy": base,
+            "unrelated model": init_llama(1, cfg),
+            "hidden permuted": attacks.permute_hidden(base, 1),
+            "residual rotated": attacks.rotate_residual(base, 2, new_gains=True),
+        }
+        times = {}
+        for name, w in suspects.items():
+            s = save(root / name.replace(" ", "-"), w, shape=cfg)
+            ms = ModelSet.from_dict(
+                {
+                    "name": "cost",
+                    "suspects": [{"name": "s", "source": str(s)}],
+                    "candidates": [{"name": "base", "source": str(p)}],
+                }
+            )
+            t0 = time.perf_counter()
+            (v,) = run_local(ms, root / ("out-" + name.replace(" ", "-")))
+            times[name] = time.perf_counter() - t0
+            print(
+                f"{name:18s} {v['verdict']:10s} {times[name]:6.2f} s  ({times[name] / times['plain copy']:.2f}x the plain audit)  undone {v.get('undone')}"
+            )
+    print(f"model: {mb:.0f} MB float32, hidden {a.hidden}, {a.layers} layers")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Refiner: a residual stream permuted or rotated to hide a model's origin (lineage/gauge.py).
+
+When a candidate with the suspect's hidden size is not related to it (the
+whole verdict unrelated or inconclusive, or a candidate left out of a
+related verdict), `GaugeEstimate` asks a worker for the orthogonal
+transform that best maps the candidate's embedding rows onto the
+suspect's (gauge_work.EstimateItem: a bounded sample of rows). An
+unrelated model's embedding can be rotated to fit part of another's
+(GAUGE_MIN_CORR is far above that); a disguised copy's fits to rounding.
+`GaugeRefit` then refits every matrix with each such candidate brought
+into the suspect's gauge (norm gains folded first where the model is
+pre-norm), as work items, and decides again on those rows with the same
+explanations. The transform was fitted to the embedding only; every other
+matrix is an independent check of it, so the permutation null and the
+"half the matrices significant" rule keep unrelated models unrelated
+(under a rotation the embedding row itself is left out). If the suspect is
+then related, and more than before, that verdict is adopted with a
+`gauge` section (what was looked for, what was found, how close to a
+permutation or the identity, the correlation before and after) and the
+disguise named in `undone`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from lineage.align import Index, align
+from lineage.dtypes import DTYPES, MIXED
+from lineage.explain.evidence import Evidence
+from lineage.explain.table import _rows_of
+from lineage.explain.thresholds import GAUGE_MIN_CORR, GAUGE_MIN_GAIN
+from lineage.gauge import folded_norm, role
+from lineage.gauge_work import EstimateItem, RefitItem
+from lineage.geometry import View
+from lineage.layout import canonical
+from lineage.rows import SCHEMA, tensor_row
+
+MEMO, GROUPS = "gauge estimates", "gauge groups"
+RANK = {"unrelated": 0, "inconclusive": 0, "derived": 1, "blend": 2, "identical": 3}
+
+
+def prenorm(model) -> bool:
+    """RMSNorm without biases (Llama, Qwen, Mistral): gains fold, rotations are allowed."""
+    norms = [n for n in model.tensors if role(n) == "norm"]
+    return bool(norms) and not any(n.endswith(".bias") for n in norms)
+
+
+def embedding(model) -> str | None:
+    return next((n for n in sorted(model.tensors) if role(n) == "embed" and len(model.tensors[n].shape) == 2), None)
+
+
+def _view(model, name: str) -> View:
+    ix = Index.build(model)
+    return View((ix.seg(model.tensors[name]),))
+
+
+class GaugeEstimate:
+    name = "gauge estimate"
+    refines = True
+
+    def targets(self, ev: Evidence, verdict: dict | None) -> list[str]:
+        """Candidates a disguise could hide: same hidden size, not related to the suspect."""
+        if verdict is None or verdict["verdict"] == "identical" or not ev.models:
+            return []
+        suspect = ev.models.get(ev.suspect)
+        se = embedding(suspect) if suspect is not None else None
+        if se is None:
+            return []
+        parents = {p["name"] for p in verdict.get("parents", [])}
+        out = []
+        for n in ev.reps:
+            m = ev.models.get(n)
+            ce = embedding(m) if m is not None else None
+            if ce is None or n in parents or n in ev.related:
+                continue
+            if m.tensors[ce].shape[1] == suspect.tensors[se].shape[1]:
+                out.append(n)
+        return out
+
+    def requests(self, ev: Evidence, verdict: dict | None) -> list:
+        names = self.targets(ev, verdict)
+        if not names:
+            return []
+        suspect = ev.models[ev.suspect]
+        se = embedding(suspect)
+        sv = _view(suspect, se)
+        items = []
+        for n in names:
+            m = ev.models[n]
+            cv = _view(m, embedding(m))
+            fold = prenorm(suspect) and prenorm(m)
+            rows = min(sv.rows, cv.rows)
+            nbytes = rows * (sv.cols * 4 + cv.cols * 4)
+            items.append(EstimateItem(len(items), n, sv, cv, fold, nbytes))
+        return items
+
+    def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
+        for r in results:
+            if isinstance(r, str):
+                verdict.setdefault("warnings", []).append(r)  # type: ignore[union-attr]
+            else:
+                ev.memo(MEMO, dict)[r.candidate] = r
+        return verdict
+
+
+class GaugeRefit:
+    name = "gauge"
+    refines = True
+
+    def accepted(self, ev: Evidence) -> dict:
+        est = ev.memo(MEMO, dict)
+        return {
+            n: e
+            for n, e in est.items()
+            if e.corr_after >= GAUGE_MIN_CORR
+            and e.corr_after - e.corr_before >= GAUGE_MIN_GAIN
+            and (e.gauge.fold or e.gauge.perm is not None)
+        }
+
+    def requests(self, ev: Evidence, verdict: dict | None) -> list:
+        found = self.accepted(ev)
+        if verdict is None or not found:
+            return []
+        suspect = ev.models[ev.suspect]
+        cands = [ev.models[c.name] for c in ev.candidates if c.name in ev.models]
+        fold = all(e.gauge.fold for e in found.values()) and prenorm(suspect)
+        rotation = any(e.gauge.perm is None for e in found.values())
+        groups, _ = align(suspect, cands)
+        ixs = {m.name: Index.build(m) for m in [suspect, *cands]}
+        items, planned = [], ev.memo(GROUPS, list)
+        for g in groups:
+            r = role(g.tensor)
+            if g.status != "ok" or g.view is None or r is None:
+                continue
+            if (r == "embed" and rotation) or (r == "norm" and fold):
+                continue  # the transform was fitted to it / gains folded into their readers
+            norm = folded_norm(g.tensor) if fold and r == "reads" else None
+            s_gain = _gain(ixs[suspect.name], norm) if norm else None
+            if norm and s_gain is None:
+                continue
+            sides = []
+            for side in g.paired:
+                c_gain = _gain(ixs[side.candidate], norm) if norm else None
+                if norm and c_gain is None:
+                    break
+                e = found.get(side.candidate)
+                sides.append((side.candidate, side.view, c_gain, e.gauge if e else None))
+            else:
+                nbytes = g.nbytes
+                items.append(RefitItem(len(items), g.tensor, r, g.view, s_gain, tuple(sides), nbytes))
+                planned.append(g)
+        return items
+
+    def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
+        est = ev.memo(MEMO, dict)
+        if verdict is None or not est:
+            return verdict
+        found = self.accepted(ev)
+        section = {
+            n: {
+                "looked_for": "residual permutation or rotation" + (" (norm gains folded)" if e.gauge.fold else ""),
+                "found": e.gauge.kind if n in found else None,
+                "rows": e.rows,
+                "embedding_corr_before": round(e.corr_before, 6),
+                "embedding_corr_after": round(e.corr_after, 6),
+                "from_identity": round(e.from_identity, 6),
+                "from_permutation": round(e.from_permutation, 6),
+            }
+            for n, e in est.items()
+        }
+        verdict["gauge"] = section
+        if not results:
+            return verdict
+        groups = ev.memo(GROUPS, list)
+        rows = []
+        for g, r in zip(groups, results):
+            if isinstance(r, str) or r is None:
+                rows.append(tensor_row(g, None, r or "gauge refit failed"))
+            else:
+                rows.append(recomputed(tensor_row(g, r)))
+        stacks: dict = {}
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        new_rows = _rows_of(table, stacks)
+        for s in stacks.values():
+            s.seal()
+        ev2 = Evidence(ev.suspect, ev.candidates, new_rows, dict(ev.unmatched), ev.models)
+        v2 = explain(ev2)
+        for n in found:
+            per = ev2.per.get(n)
+            section[n]["median_corr_before"] = ev.per[n].median_corr
+            section[n]["median_corr_after"] = per.median_corr if per else None
+            section[n]["frac_significant_after"] = per.frac_significant if per else None
+        related = [n for n in found if n in ev2.related]
+        better = RANK.get(v2["verdict"], 0) > RANK.get(verdict["verdict"], 0) or (
+            v2["verdict"] == verdict["verdict"] == "blend" and len(v2["parents"]) > len(verdict["parents"])
+        )
+        if not related or not better:
+            for n in found:
+                section[n]["found"] = None
+                section[n]["rejected"] = "the other matrices do not relate in the transformed gauge"
+            return verdict
+        for n in found:
+            if n not in related:
+                section[n]["found"] = None
+                section[n]["rejected"] = "the other matrices do not relate in the transformed gauge"
+        kinds = sorted({found[n].gauge.kind for n in related})
+        rotated = any(found[n].gauge.perm is None for n in related)
+        what = " / ".join(kinds) + (" (norm gains folded first)" if rotated else "")
+        undone = [f"residual {k}" for k in kinds]
+        names = " and ".join(related)
+        lead = (
+            f"Against {names}, {ev.suspect}'s residual stream is disguised by a {what} of the hidden dimension "
+            f"(which leaves the function unchanged); undone, "
+        )
+        v2["explanation"] = lead + v2["explanation"][0].lower() + v2["explanation"][1:]
+        v2["gauge"] = section
+        v2["undone"] = list(verdict.get("undone") or []) + undone
+        if verdict.get("warnings"):
+            v2.setdefault("warnings", []).extend(verdict["warnings"])
+        return v2
+
+
+def recomputed(row: dict) -> dict:
+    """A refitted row's rounding tolerances: each candidate was recomputed (gains folded, a
+    transform applied) from its stored values, and the suspect was stored after the same
+    arithmetic on the evader's side, so both storage roundings count (their sum), not the
+    bit-equality a plain copy allows."""
+    for c in row["candidates"]:
+        if c["rounding_tol"] is not None and MIXED not in (row["dtype"], c["dtype"]):
+            c["rounding_tol"] = DTYPES[row["dtype"]].unit_roundoff + DTYPES[c["dtype"]].unit_roundoff
+    return row
+
+
+def _gain(ix: Index, norm: str) -> View | None:
+    e = ix.by_name.get(canonical(norm)) or ix.by_name.get(norm)
+    return View((ix.seg(e),)) if e is not None and len(e.shape) == 1 else None
+
+
+def explain(ev: Evidence) -> dict:
+    """The first answer of the explanations proper (not the refiners) on `ev`."""
+    from lineage.explain import REGISTRY
+
+    for step in REGISTRY:
+        if step.refines:
+            continue
+        out = step.apply(ev, None, [])
+        if out is not None:
+            return out
+    raise AssertionError("Derived or Unrelated always answers")

@@ -1,0 +1,115 @@
+"""A disguised residual stream (issue 15): hidden-dimension permutations and rotations undone.
+
+Llama-shaped models at their random initialisation (the gauge arithmetic
+does not need training; the evaluation set's attack suite runs the same
+disguises on trained models and MiniLM), each disguise checked to leave
+the model's output unchanged by running it, audited end to end with
+`run_local` on real safetensors files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import attacks
+from benchmarks.evalset import init_llama, save
+from lineage.audit import run_local
+from lineage.explain import gauge as gauge_refiner
+from lineage.gauge import Gauge, gauge_from, procrustes, role, snap
+from lineage.modelset import ModelSet
+
+CFG = {"hidden": 64, "inter": 160, "layers": 2, "heads": 4, "kv": 2, "vocab": 600}
+
+
+def audit(tmp_path, name: str, suspect: dict, cands: dict[str, dict]) -> dict:
+    root = tmp_path / name
+    s = save(root / "suspect", suspect, shape=CFG)
+    members = [{"name": n, "source": str(save(root / n, w, shape=CFG))} for n, w in cands.items()]
+    ms = ModelSet.from_dict({"name": "g", "suspects": [{"name": "suspect", "source": str(s)}], "candidates": members})
+    (v,) = run_local(ms, root / "out")
+    return v
+
+
+@pytest.fixture(scope="module")
+def models():
+    return init_llama(1, CFG), init_llama(2, CFG)
+
+
+def test_the_disguises_leave_the_function_unchanged(models):
+    base, _ = models
+    for w in (
+        attacks.permute_hidden(base, 1),
+        attacks.rotate_residual(base, 2, new_gains=True),
+        attacks.everything(base, 3, CFG["heads"], CFG["kv"]),
+    ):
+        assert attacks.check(base, w, CFG) < 1e-5
+        assert abs(float(w["model.layers.0.mlp.down_proj.weight"].flatten() @ base["model.layers.0.mlp.down_proj.weight"].flatten())) < (
+            0.2 * float(base["model.layers.0.mlp.down_proj.weight"].norm() ** 2)
+        )
+
+
+def test_procrustes_recovers_a_rotation_and_snaps_a_permutation():
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(500, 32, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(32, 32, generator=g, dtype=torch.float64))
+    assert torch.allclose(procrustes(e, e @ q), q, atol=1e-10)
+    perm = torch.randperm(32, generator=g)
+    p = torch.eye(32, dtype=torch.float64)[:, perm]
+    found = snap(procrustes(e, e @ p), signed=False)
+    assert found is not None and (found[0] == perm.numpy()).all()
+    assert snap(q, signed=True) is None
+    gz = gauge_from(procrustes(e, e @ p), fold=False, signed=False)
+    assert gz.kind == "permutation" and torch.equal(gz.apply(e, "embed"), e @ p)
+    w = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    rot = Gauge(q.numpy(), None, None, True)
+    assert torch.allclose(rot.apply(w.T.contiguous(), "writes"), q.T @ w.T, atol=1e-12)
+
+
+def test_roles_of_llama_and_bert_tensors():
+    assert role("model.embed_tokens.weight") == "embed"
+    assert role("model.layers.3.self_attn.k_proj.weight") == "reads"
+    assert role("model.layers.3.mlp.down_proj.weight") == "writes"
+    assert role("model.layers.3.self_attn.q_norm.weight") is None  # per head, not the residual stream
+    assert role("bert.encoder.layer.0.output.dense.weight") == "writes"
+    assert role("encoder.layer.0.attention.output.dense.bias") == "vec"
+    assert role("encoder.layer.0.attention.self.query.bias") is None
+
+
+def test_permuted_copy_is_identical_with_the_disguise_named(tmp_path, models):
+    base, other = models
+    v = audit(tmp_path, "perm", attacks.permute_hidden(base, 5), {"base": base, "other": other})
+    assert v["verdict"] == "identical" and v["parents"][0]["name"] == "base"
+    assert v["undone"] == ["residual permutation"]
+    g = v["gauge"]["base"]
+    assert g["found"] == "permutation" and g["from_permutation"] < 1e-9 and g["median_corr_after"] > 0.999
+    assert g["median_corr_before"] < 0.2
+    assert v["gauge"]["other"]["found"] is None
+
+
+def test_rotated_fine_tune_with_new_gains_is_derived_and_a_rotated_blend_keeps_its_weights(tmp_path, models):
+    base, other = models
+    g = torch.Generator().manual_seed(7)
+    tuned = {k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) if v.ndim == 2 else v for k, v in base.items()}
+    v = audit(tmp_path, "ft", attacks.rotate_residual(tuned, 6, new_gains=True), {"base": base})
+    assert v["verdict"] == "derived" and v["undone"] == ["residual rotation"]
+    assert "rotation" in v["explanation"] and v["gauge"]["base"]["found"] == "rotation"
+    mix = {k: 0.7 * base[k] + 0.3 * tuned[k] if base[k].ndim == 2 else base[k] for k in base}
+    v = audit(tmp_path, "blend", attacks.rotate_residual(mix, 8, new_gains=True), {"base": base, "tuned": tuned, "other": other})
+    assert v["verdict"] == "blend"
+    w = {p["name"]: p["weight"] for p in v["parents"]}
+    assert math.isclose(w["base"], 0.7, abs_tol=0.01) and math.isclose(w["tuned"], 0.3, abs_tol=0.01)
+
+
+def test_a_rotated_unrelated_model_stays_unrelated_even_when_refitted(tmp_path, models, monkeypatch):
+    """The refit in a transformed gauge is judged on matrices the transform was not fitted to:
+    forcing it for an unrelated pair (the embedding gate off) must not relate them."""
+    base, other = models
+    monkeypatch.setattr(gauge_refiner, "GAUGE_MIN_CORR", -1.0)
+    monkeypatch.setattr(gauge_refiner, "GAUGE_MIN_GAIN", -1.0)
+    v = audit(tmp_path, "unrel", attacks.rotate_residual(other, 9, new_gains=True), {"base": base})
+    assert v["verdict"] == "unrelated"
+    g = v["gauge"]["base"]
+    assert g["found"] is None and g["frac_significant_after"] == 0.0
+    assert abs(g["median_corr_after"]) < 0.05
