@@ -45,9 +45,9 @@ def test_the_disguises_leave_the_function_unchanged(models):
         attacks.everything(base, 3, CFG["heads"], CFG["kv"]),
     ):
         assert attacks.check(base, w, CFG) < 1e-5
-        assert abs(float(w["model.layers.0.mlp.down_proj.weight"].flatten() @ base["model.layers.0.mlp.down_proj.weight"].flatten())) < (
-            0.2 * float(base["model.layers.0.mlp.down_proj.weight"].norm() ** 2)
-        )
+        assert abs(
+            float(w["model.layers.0.mlp.down_proj.weight"].flatten() @ base["model.layers.0.mlp.down_proj.weight"].flatten())
+        ) < (0.2 * float(base["model.layers.0.mlp.down_proj.weight"].norm() ** 2))
 
 
 def test_procrustes_recovers_a_rotation_and_snaps_a_permutation():
