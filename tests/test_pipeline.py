@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from jobs.audit import run
 from jobs.settings import Settings
+from benchmarks.attacks import permute_hidden
 from tests.common import MINILM, write_model
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
@@ -106,7 +107,8 @@ def _random_bert(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tensor]
 
 def test_minilm_identical_derived_unrelated(ray_session, tmp_path):
     """Real trained weights: a BF16 copy with renamed keys is identical, a noisy
-    copy is derived, an independently initialised BERT is unrelated."""
+    copy is derived, an independently initialised BERT is unrelated, a copy with
+    its hidden dimension permuted is identical with the disguise undone."""
     real = load_file(str(MINILM))
     write_model(
         tmp_path / "copy", {f"bert.{k}": v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in real.items()}, shards=2
@@ -115,12 +117,14 @@ def test_minilm_identical_derived_unrelated(ray_session, tmp_path):
     noisy = {k: v + 0.3 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in real.items()}
     write_model(tmp_path / "noisy", noisy)
     write_model(tmp_path / "random", _random_bert({k: tuple(v.shape) for k, v in real.items()}, seed=1))
+    write_model(tmp_path / "disguised", permute_hidden(real, 3))  # hidden dimension permuted: same function
     ms = {
         "name": "minilm",
         "suspects": [
             {"name": "copy", "source": str(tmp_path / "copy")},
             {"name": "noisy", "source": str(tmp_path / "noisy")},
             {"name": "random", "source": str(tmp_path / "random")},
+            {"name": "disguised", "source": str(tmp_path / "disguised")},
         ],
         "candidates": [{"name": "all-MiniLM-L6-v2", "source": str(MINILM)}],
     }
@@ -132,6 +136,9 @@ def test_minilm_identical_derived_unrelated(ray_session, tmp_path):
     assert verdicts["random"]["verdict"] == "unrelated"
     ev = verdicts["random"]["evidence"]["candidates"]["all-MiniLM-L6-v2"]
     assert abs(ev["median_z"]) < 3 and ev["frac_significant"] == 0.0
+    # the gauge estimate and refit ran as Ray work and undid the permutation
+    assert verdicts["disguised"]["verdict"] == "identical" and verdicts["disguised"]["undone"] == ["residual permutation"]
+    assert verdicts["random"]["gauge"]["all-MiniLM-L6-v2"]["found"] is None
 
 
 def test_split_tensors_give_the_same_rows(ray_session, demo_root, tmp_path):
