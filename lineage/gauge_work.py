@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from lineage.decode import decoded
 from lineage.dtypes import view_tolerance
 from lineage.errors import LineageError, where
-from lineage.gauge import Gauge, distances, gauge_from, procrustes
+from lineage.gauge import Gauge, distances, gauge_from
 from lineage.geometry import View
 from lineage.options import FitOptions
 from lineage.reader import Reader
@@ -34,6 +34,9 @@ MAX_GAUGE_ROWS = 16384
 GAUGE_BLOCKS = 8
 #: Largest matrix refitted in the suspect's gauge (elements per side, read whole).
 MAX_GAUGE_ELEMENTS = 1 << 26
+#: Largest hidden size a transform is estimated for: the estimate holds a hidden x hidden
+#: float64 cross product and its SVD (512 MB at 8192; Qwen3.5-397B's is 4096).
+MAX_GAUGE_HIDDEN = 8192
 
 
 def sample_blocks(rows: int, want: int, blocks: int = GAUGE_BLOCKS) -> list[tuple[int, int]]:
@@ -66,22 +69,58 @@ class EstimateItem:
     nbytes: int
 
     def run(self, reader: Reader, opts: FitOptions) -> Estimate | str:
+        """Block by block (one block of rows of each side in memory at a time, plus the
+        hidden x hidden float64 cross product): the transform, then the fit it gives."""
         import torch
 
         shared = min(self.s_view.rows, self.c_view.rows)
-        want = max(min(MAX_GAUGE_ROWS, shared), 1)
+        parts = sample_blocks(shared, max(min(MAX_GAUGE_ROWS, shared), 1))
+        here = where(self.s_view.segments[0].path, self.s_view.label)
+
+        def blocks():
+            for a, b in parts:
+                es, ec = decoded(reader, self.s_view, a, b).double(), decoded(reader, self.c_view, a, b).double()
+                if not (torch.isfinite(es).all() and torch.isfinite(ec).all()):
+                    raise ValueError("non-finite embedding values")
+                yield es, ec
+
         try:
-            parts = sample_blocks(shared, want)
-            es = torch.cat([decoded(reader, self.s_view, a, b) for a, b in parts]).double()
-            ec = torch.cat([decoded(reader, self.c_view, a, b) for a, b in parts]).double()
+            h = self.s_view.cols
+            cross = torch.zeros(h, h, dtype=torch.float64)
+            before, rows = _Corr(), 0
+            for es, ec in blocks():
+                cross += ec.T @ es
+                before.add(es, ec)
+                rows += es.shape[0]
+            u, _, vh = torch.linalg.svd(cross)
+            q = u @ vh
+            g = gauge_from(q, fold=self.fold, signed=self.fold)
+            after = _Corr()
+            for es, ec in blocks():
+                after.add(es, g.apply(ec, "embed"))
         except (LineageError, ValueError, RuntimeError, OSError) as e:
-            return f"{where(self.s_view.segments[0].path, self.s_view.label)}: gauge not estimated ({e})"
-        if not (torch.isfinite(es).all() and torch.isfinite(ec).all()):
-            return f"{where(self.s_view.segments[0].path, self.s_view.label)}: gauge not estimated (non-finite embedding values)"
-        q = procrustes(ec, es)
-        g = gauge_from(q, fold=self.fold, signed=self.fold)
-        d = distances(q)
-        return Estimate(self.candidate, g, es.shape[0], _corr(es, ec), _corr(es, g.apply(ec, "embed")), **d)
+            return f"{here}: gauge not estimated ({e})"
+        return Estimate(self.candidate, g, rows, before.value, after.value, **distances(q))
+
+
+class _Corr:
+    """Pearson correlation of two tensors given block by block."""
+
+    def __init__(self) -> None:
+        self.n, self.sa, self.sb, self.saa, self.sbb, self.sab = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, a, b) -> None:
+        a, b = a.double().flatten(), b.double().flatten()
+        self.n += a.numel()
+        self.sa, self.sb = self.sa + float(a.sum()), self.sb + float(b.sum())
+        self.saa, self.sbb, self.sab = self.saa + float(a @ a), self.sbb + float(b @ b), self.sab + float(a @ b)
+
+    @property
+    def value(self) -> float:
+        n = max(self.n, 1)
+        cov = self.sab - self.sa * self.sb / n
+        va, vb = self.saa - self.sa**2 / n, self.sbb - self.sb**2 / n
+        return cov / max((va * vb) ** 0.5, 1e-300)
 
 
 @dataclass(frozen=True)
@@ -123,9 +162,3 @@ class RefitItem:
         if gain is not None:
             x = x.double() * decoded(reader, gain, 0, gain.rows).reshape(1, -1).double()
         return x
-
-
-def _corr(a, b) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    a, b = a - a.mean(), b - b.mean()
-    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))

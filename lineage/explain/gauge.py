@@ -30,7 +30,7 @@ from lineage.explain.evidence import Evidence
 from lineage.explain.table import _rows_of
 from lineage.explain.thresholds import GAUGE_MIN_CORR, GAUGE_MIN_GAIN
 from lineage.gauge import folded_norm, role
-from lineage.gauge_work import EstimateItem, RefitItem
+from lineage.gauge_work import MAX_GAUGE_HIDDEN, EstimateItem, RefitItem
 from lineage.geometry import View
 from lineage.layout import canonical
 from lineage.rows import SCHEMA, tensor_row
@@ -73,7 +73,11 @@ class GaugeEstimate:
             ce = embedding(m) if m is not None else None
             if ce is None or n in parents or n in ev.related:
                 continue
-            if m.tensors[ce].shape[1] == suspect.tensors[se].shape[1]:
+            hidden = suspect.tensors[se].shape[1]
+            if m.tensors[ce].shape[1] == hidden:
+                if hidden > MAX_GAUGE_HIDDEN:
+                    ev.warnings.append(f"residual gauge not estimated: hidden size {hidden} above {MAX_GAUGE_HIDDEN}")
+                    return []
                 out.append(n)
         return out
 
@@ -95,6 +99,10 @@ class GaugeEstimate:
         return items
 
     def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
+        if verdict is not None:
+            for w in ev.warnings:
+                if w not in verdict.get("warnings", []):
+                    verdict.setdefault("warnings", []).append(w)
         for r in results:
             if isinstance(r, str):
                 verdict.setdefault("warnings", []).append(r)  # type: ignore[union-attr]
