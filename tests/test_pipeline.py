@@ -11,9 +11,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
+from benchmarks.attacks import permute_hidden
 from jobs.audit import run
 from jobs.settings import Settings
-from benchmarks.attacks import permute_hidden
 from tests.common import MINILM, write_model
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
