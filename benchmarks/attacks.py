@@ -296,20 +296,15 @@ def cases(root, add, save, cfg: dict, models: dict, paths: dict, fam: dict, ft: 
     case("residual rotated, norms folded", rotate_residual(base, 32), base, one, "identical", undone=["residual rotation"])
     case("rotated, random new gains", rotate_residual(base, 33, True), base, one, "identical", undone=["residual rotation"])
     case("fine-tune, rotated", rotate_residual(ft1, 34, True), ft1, one, "derived", parent="base", undone=["residual rotation"])
-    case("MLP units scaled", scale_mlp_units(base, 35), base, one, "derived", parent="base")
-    case("Q/K scaled per head", transform_qk(base, 36, h, kv, scale_only=True), base, one, "derived", parent="base")
-    case("Q/K by A and A^-T", transform_qk(base, 37, h, kv), base, one, "derived", parent="base")
-    case("V/O by M and M^-1", transform_vo(base, 38, h, kv), base, one, "derived", parent="base")
-    case("all of them", everything(base, 39, h, kv), base, one, "derived", parent="base", undone=["residual rotation"])
-    case(
-        "all of them, on a fine-tune",
-        everything(ft1, 40, h, kv),
-        ft1,
-        one,
-        "derived",
-        parent="base",
-        undone=["residual rotation"],
-    )
+    mlp, qk, ov = ["MLP unit rescaling"], ["per-head Q/K transform"], ["per-head V/O transform"]
+    case("MLP units scaled", scale_mlp_units(base, 35), base, one, "identical", undone=mlp)
+    case("Q/K scaled per head", transform_qk(base, 36, h, kv, scale_only=True), base, one, "identical", undone=qk)
+    case("Q/K by A and A^-T", transform_qk(base, 37, h, kv), base, one, "identical", undone=qk)
+    case("V/O by M and M^-1", transform_vo(base, 38, h, kv), base, one, "identical", undone=ov)
+    every = ["residual rotation", *mlp, *qk, *ov]
+    case("all of them", everything(base, 39, h, kv), base, one, "identical", undone=every)
+    tuned = ["residual rotation", *mlp]  # a fine-tune's Q/K and V/O still correlate: not flagged, not named
+    case("all of them, on a fine-tune", everything(ft1, 40, h, kv), ft1, one, "derived", parent="base", undone=tuned)
     lin = {k: 0.6 * ft1[k] + 0.4 * ft2[k] for k in base}
     case(
         "0.6/0.4 blend rotated after merging",

@@ -113,3 +113,43 @@ def test_a_rotated_unrelated_model_stays_unrelated_even_when_refitted(tmp_path, 
     g = v["gauge"]["base"]
     assert g["found"] is None and g["frac_significant_after"] == 0.0
     assert abs(g["median_corr_after"]) < 0.05
+
+
+def test_invariant_products_do_not_change_under_head_and_unit_disguises(models):
+    from lineage.invariants import probe, sandwich
+
+    base, _ = models
+    w = attacks.transform_vo(
+        attacks.transform_qk(attacks.scale_mlp_units(base, 1), 2, CFG["heads"], CFG["kv"]), 3, CFG["heads"], CFG["kv"]
+    )
+    p = "model.layers.1."
+    parts = {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
+    a = {k: base[f"{p}{n}.weight"].double() for k, n in parts.items()}
+    b = {k: w[f"{p}{n}.weight"].double() for k, n in parts.items()}
+    s = probe(CFG["hidden"])
+    hd = CFG["hidden"] // CFG["heads"]
+    for kind in ("qk", "ov", "mlp"):
+        x, y = sandwich(kind, a, hd, s), sandwich(kind, b, hd, s)
+        assert (x - y).norm() / x.norm() < 1e-5, kind
+        assert (a[{"qk": "q", "ov": "v", "mlp": "up"}[kind]] - b[{"qk": "q", "ov": "v", "mlp": "up"}[kind]]).norm() > 0.1
+
+
+def test_head_and_unit_disguises_of_a_copy_are_seen_through(tmp_path, models):
+    base, other = models
+    v = audit(tmp_path, "mlp", attacks.scale_mlp_units(base, 11), {"base": base, "other": other})
+    assert v["verdict"] == "identical" and v["undone"] == ["MLP unit rescaling"]
+    assert v["invariants"]["mlp"]["frac_significant"] == 1.0 and v["invariants"]["mlp"]["max_rel_dist"] < 1e-6
+    v = audit(tmp_path, "all", attacks.everything(base, 12, CFG["heads"], CFG["kv"]), {"base": base})
+    assert v["verdict"] == "identical"
+    assert set(v["undone"]) == {"residual rotation", "per-head Q/K transform", "per-head V/O transform", "MLP unit rescaling"}
+    g = torch.Generator().manual_seed(13)
+    tuned = {k: x + 0.05 * x.std() * torch.randn(x.shape, generator=g) if x.ndim == 2 else x for k, x in base.items()}
+    v = audit(tmp_path, "tuned", attacks.scale_mlp_units(tuned, 14), {"base": base})
+    assert v["verdict"] == "derived" and "MLP unit rescaling" in v["undone"]

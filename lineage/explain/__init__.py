@@ -8,7 +8,8 @@ sparse, then a merge trained afterwards, then task arithmetic, then Model
 Stock, then slerp, then linear; derived is what a
 related suspect is when no blend explains it). Refiners then amend that
 answer: a layer map, then undone permutations, then a residual stream
-permuted or rotated (explain/gauge.py).
+permuted or rotated (explain/gauge.py), then per-head and per-unit
+disguises seen through their invariant products (explain/invariants.py).
 
 Adding a way of explaining a suspect: one file with an `Explanation`
 subclass (see base.py), and one line here.
@@ -28,6 +29,7 @@ from lineage.explain.derived import Derived
 from lineage.explain.evidence import Candidate, Evidence
 from lineage.explain.gauge import GaugeEstimate, GaugeRefit
 from lineage.explain.identical import Identical
+from lineage.explain.invariants import Invariants
 from lineage.explain.layermap import LayerMap
 from lineage.explain.linear import Linear
 from lineage.explain.model_stock import ModelStock
@@ -57,6 +59,7 @@ REGISTRY: tuple[Explainer, ...] = (
     Permutations(),
     GaugeEstimate(),
     GaugeRefit(),
+    Invariants(),
 )
 
 __all__ = ["REGISTRY", "Candidate", "Evidence", "decide", "decide_with"]

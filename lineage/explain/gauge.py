@@ -36,6 +36,8 @@ from lineage.layout import canonical
 from lineage.rows import SCHEMA, tensor_row
 
 MEMO, GROUPS = "gauge estimates", "gauge groups"
+#: Memo keys other refiners read: the evidence refitted in the adopted gauge, and the adopted transforms.
+EVIDENCE, ADOPTED = "gauge evidence", "gauge adopted"
 RANK = {"unrelated": 0, "inconclusive": 0, "derived": 1, "blend": 2, "identical": 3}
 
 
@@ -143,12 +145,12 @@ class GaugeRefit:
             if (r == "embed" and rotation) or (r == "norm" and fold):
                 continue  # the transform was fitted to it / gains folded into their readers
             norm = folded_norm(g.tensor) if fold and r == "reads" else None
-            s_gain = _gain(ixs[suspect.name], norm) if norm else None
+            s_gain = gain_view(ixs[suspect.name], norm) if norm else None
             if norm and s_gain is None:
                 continue
             sides = []
             for side in g.paired:
-                c_gain = _gain(ixs[side.candidate], norm) if norm else None
+                c_gain = gain_view(ixs[side.candidate], norm) if norm else None
                 if norm and c_gain is None:
                     break
                 e = found.get(side.candidate)
@@ -221,6 +223,8 @@ class GaugeRefit:
             f"(which leaves the function unchanged); undone, "
         )
         v2["explanation"] = lead + v2["explanation"][0].lower() + v2["explanation"][1:]
+        ev.memo(EVIDENCE, lambda: ev2)
+        ev.memo(ADOPTED, dict).update({n: found[n].gauge for n in related})
         v2["gauge"] = section
         v2["undone"] = list(verdict.get("undone") or []) + undone
         if verdict.get("warnings"):
@@ -239,7 +243,13 @@ def recomputed(row: dict) -> dict:
     return row
 
 
-def _gain(ix: Index, norm: str) -> View | None:
+def adopted(ev: Evidence) -> dict:
+    """Candidate -> the transform into the suspect's gauge that the verdict adopted."""
+    return ev.memo(ADOPTED, dict)
+
+
+def gain_view(ix: Index, norm: str) -> View | None:
+    """The view of the norm (canonical name) whose gain a reader absorbs, if the model has it."""
     e = ix.by_name.get(canonical(norm)) or ix.by_name.get(norm)
     return View((ix.seg(e),)) if e is not None and len(e.shape) == 1 else None
 
