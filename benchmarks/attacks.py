@@ -303,8 +303,7 @@ def cases(root, add, save, cfg: dict, models: dict, paths: dict, fam: dict, ft: 
     case("V/O by M and M^-1", transform_vo(base, 38, h, kv), base, one, "identical", undone=ov)
     every = ["residual rotation", *mlp, *qk, *ov]
     case("all of them", everything(base, 39, h, kv), base, one, "identical", undone=every)
-    tuned = ["residual rotation", *mlp]  # a fine-tune's Q/K and V/O still correlate: not flagged, not named
-    case("all of them, on a fine-tune", everything(ft1, 40, h, kv), ft1, one, "derived", parent="base", undone=tuned)
+    case("all of them, on a fine-tune", everything(ft1, 40, h, kv), ft1, one, "derived", parent="base", undone=every)
     lin = {k: 0.6 * ft1[k] + 0.4 * ft2[k] for k in base}
     case(
         "0.6/0.4 blend rotated after merging",
@@ -314,6 +313,15 @@ def cases(root, add, save, cfg: dict, models: dict, paths: dict, fam: dict, ft: 
         "blend",
         weights={"ft1": 0.6, "ft2": 0.4},
         undone=["residual rotation"],
+    )
+    case(
+        "all of them, on a 0.6/0.4 blend",
+        everything(lin, 46, h, kv),
+        lin,
+        fam,
+        "blend",
+        weights={"ft1": 0.6, "ft2": 0.4},
+        undone=every,
     )
     rot2 = root / "atk-ft2-rotated"
     save(rot2, disguised(ft2, rotate_residual(ft2, 42, True), cfg, "ft2 rotated"))

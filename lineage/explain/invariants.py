@@ -27,7 +27,7 @@ from collections import defaultdict
 from lineage.align import Index
 from lineage.explain.base import one_parent
 from lineage.explain.evidence import Evidence
-from lineage.explain.gauge import EVIDENCE, adopted, gain_view, prenorm
+from lineage.explain.gauge import EVIDENCE, RANK, adopted, explain, gain_view, prenorm
 from lineage.explain.permutation import unmatched
 from lineage.explain.thresholds import IDENTICAL_COVERAGE, INVARIANT_Z_SIG, RELATED_FRAC
 from lineage.fit import single
@@ -68,22 +68,7 @@ class Invariants:
             return []
         used = ev.memo(EVIDENCE, lambda: ev)
         permuted = {t for p in (verdict or {}).get("permutation", []) for t in p["tensors"]}
-        layers: dict[str, set[str]] = defaultdict(set)
-        for t in unmatched(used, name):
-            part, pre = _part(t), layer_prefix(t)
-            if part is not None and pre is not None and t not in permuted:
-                layers[pre].add(part)
-        # a copy except for attention or MLP matrices (the other tensors mostly within rounding):
-        # every layer holding one of those that is not
-        rows = [(r, c) for r in used.ok if (c := r.cand(name)) is not None and c.status == "ok"]
-        within = [c.rel_dist is not None and c.rounding_tol is not None and c.rel_dist <= c.rounding_tol for _, c in rows]
-        others = [ok for (r, _), ok in zip(rows, within) if _part(r.tensor) is None] or within
-        if others and sum(others) >= MOSTLY_COPY * len(others):
-            for (r, _), ok in zip(rows, within):
-                part, pre = _part(r.tensor), layer_prefix(r.tensor)
-                if not ok and part is not None and pre is not None and r.tensor not in permuted:
-                    layers[pre].add(part)
-        if not layers:
+        if not self.suspicious(used, name, permuted):
             return []
         suspect, parent = ev.models[ev.suspect], ev.models[name]
         fold = prenorm(suspect) and prenorm(parent)
@@ -93,10 +78,10 @@ class Invariants:
         s_by_layer: dict[str, list[str]] = defaultdict(list)
         for t in suspect.tensors:
             pre = layer_prefix(t)
-            if pre in layers and _part(t) is not None:
+            if pre is not None and _part(t) is not None and t not in permuted:
                 s_by_layer[pre].append(t)
         items = []
-        for pre in sorted(layers)[:MAX_INVARIANT_LAYERS]:
+        for pre in sorted(s_by_layer)[:MAX_INVARIANT_LAYERS]:
             sides_s, sides_p, nbytes = [], [], 0
             for t in s_by_layer[pre]:
                 part = _part(t)
@@ -113,58 +98,63 @@ class Invariants:
                 nbytes += se.nbytes + pe.nbytes
             if sides_s:
                 items.append(InvariantItem(len(items), pre, name, tuple(sides_s), tuple(sides_p), gauge, hd, nbytes))
-        ev.memo("invariant layers", lambda: dict(layers))
         return items
+
+    @staticmethod
+    def suspicious(used: Evidence, name: str, permuted: set[str]) -> bool:
+        """Worth reading the layers again: some attention or MLP matrix no longer correlates with the
+        parent as the others do, or the suspect is a copy (its other tensors mostly within rounding)
+        whose attention or MLP matrices changed."""
+        if any(_part(t) is not None and t not in permuted for t in unmatched(used, name)):
+            return True
+        rows = [(r, c) for r in used.ok if (c := r.cand(name)) is not None and c.status == "ok"]
+        within = [c.rel_dist is not None and c.rounding_tol is not None and c.rel_dist <= c.rounding_tol for _, c in rows]
+        others = [ok for (r, _), ok in zip(rows, within) if _part(r.tensor) is None]
+        changed = any(not ok and _part(r.tensor) is not None for (r, _), ok in zip(rows, within))
+        return bool(others) and changed and sum(others) >= MOSTLY_COPY * len(others)
 
     def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
         name = self.parent(verdict)
         if name is None or verdict is None or not results:
             return verdict
-        layers = ev.memo("invariant layers", dict)
-        per: dict[str, list] = defaultdict(list)
-        within: dict[str, set[str]] = defaultdict(set)  # kind -> layers whose products agree within rounding
+        used = ev.memo(EVIDENCE, lambda: ev)
+        direct: dict[tuple[str, str], float] = {}  # (layer, part) -> the direct matrix's distance
+        for row in used.ok:
+            c, part, pre = row.cand(name), _part(row.tensor), layer_prefix(row.tensor)
+            if c is not None and c.rel_dist is not None and part is not None and pre is not None:
+                direct[(pre, part)] = c.rel_dist
+        per: dict[str, list] = defaultdict(list)  # kind -> (layer, single fit, seen through here, within rounding)
         for r in results:
             if isinstance(r, str):
                 verdict.setdefault("warnings", []).append(r)
                 continue
             for kind, st in r.stats.items():
                 sg = single(st, name)
-                per[kind].append((r.layer, sg))
-                if sg.rel_dist <= r.tol:
-                    within[kind].add(r.layer)
-        used = ev.memo(EVIDENCE, lambda: ev)
-        direct_rel: dict[tuple[str, str], float] = {}  # (layer, part) -> the direct matrix's distance
-        for row in used.ok:
-            c, part, pre = row.cand(name), _part(row.tensor), layer_prefix(row.tensor)
-            if c is not None and c.rel_dist is not None and part is not None and pre is not None:
-                direct_rel[(pre, part)] = c.rel_dist
+                near = min((direct[(r.layer, p)] for p in KINDS[kind] if (r.layer, p) in direct), default=0.0)
+                # a disguise leaves the products far closer than the matrices; a fine-tune moves both alike
+                per[kind].append((r.layer, sg, sg.z >= INVARIANT_Z_SIG and sg.rel_dist < SEEN_RATIO * near, sg.rel_dist <= r.tol))
         section, seen = {}, []
         for kind, got in per.items():
-            zs = [sg.z for _, sg in got]
-            frac = sum(z >= INVARIANT_Z_SIG for z in zs) / len(zs)
-            flagged = [(pre, sg) for pre, sg in got if set(KINDS[kind]) & layers.get(pre, set())]
-            # a disguise leaves the products far closer than the matrices; a fine-tune moves both alike
-            closer = [
-                sg.rel_dist < SEEN_RATIO * min(direct_rel.get((pre, p), 0.0) for p in KINDS[kind] if p in layers[pre])
-                for pre, sg in flagged
-            ]
+            zs = [sg.z for _, sg, _, _ in got]
+            through = sum(x for _, _, x, _ in got)
             section[kind] = {
                 "layers": len(got),
-                "median_corr": statistics.median(sg.corr for _, sg in got),
+                "median_corr": statistics.median(sg.corr for _, sg, _, _ in got),
                 "median_z": statistics.median(zs),
-                "frac_significant": frac,
-                "max_rel_dist": max(sg.rel_dist for _, sg in got),
-                "layers_with_changed_matrices": len(flagged),
-                "layers_seen_through": sum(closer),
+                "frac_significant": sum(z >= INVARIANT_Z_SIG for z in zs) / len(zs),
+                "max_rel_dist": max(sg.rel_dist for _, sg, _, _ in got),
+                "layers_seen_through": through,
             }
-            if frac >= RELATED_FRAC and closer and sum(closer) >= RELATED_FRAC * len(closer):
+            if through >= RELATED_FRAC * len(got):
                 seen.append(kind)
         verdict["invariants"] = section
         if not seen:
             return verdict
+        # the matrices a seen-through disguise changed, and the layers whose products agree to rounding
+        hidden = {(pre, p) for k in seen for pre, _, x, _ in per[k] if x for p in KINDS[k]}
+        exact = {(pre, k) for k in seen for pre, _, _, w in per[k] if w}
         names = [DISGUISE[k] for k in seen]
         prior = list(verdict.get("undone") or [])
-        verdict["undone"] = prior + names
         corr = ", ".join(f"{k.upper()} {section[k]['median_corr']:.4f}" for k in seen)
         said = (
             f" Its {', '.join(names)} (which leave the function unchanged) are seen through: the invariant "
@@ -172,27 +162,42 @@ class Invariants:
         )
         if prior:
             said = f" With the {', '.join(prior)} undone, its" + said[len(" Its") :]
-        worst = identical_after(ev, name, seen, within, layers)
+        worst = identical_after(used, name, seen, hidden, exact)
         if worst is not None:
-            verdict["verdict"] = "identical"
-            verdict["parents"] = one_parent(ev, name)
+            verdict.update(verdict="identical", parents=one_parent(ev, name), undone=prior + names)
             verdict["explanation"] = (
                 f"{ev.suspect} is a copy of {name} in disguise:{said} Every other tensor is within storage rounding "
                 f"of {name}'s (largest relative distance {worst:.2g}), and every invariant product within the rounding "
                 "of its two factors."
             )
             return verdict
+        # the weights of a blend are in the matrices the disguise left alone: decide again on those
+        kept = [r for r in used.rows if (layer_prefix(r.tensor), _part(r.tensor)) not in hidden]
+        ev3 = Evidence(ev.suspect, ev.candidates, kept, dict(ev.unmatched), ev.models)
+        v3 = explain(ev3)
+        if RANK.get(v3["verdict"], 0) > RANK.get(verdict["verdict"], 0):
+            left = len(used.rows) - len(kept)
+            v3["explanation"] = (
+                v3["explanation"]
+                + said
+                + f" The weights come from the {len(ev3.matrices)} matrices the disguise left alone ({left} set aside)."
+            )
+            for key in ("gauge", "permutation", "warnings"):
+                if key in verdict:
+                    v3[key] = verdict[key]
+            v3["invariants"], v3["undone"] = section, prior + names
+            return v3
+        verdict["undone"] = prior + names
         verdict["explanation"] += said
         return verdict
 
 
-def identical_after(ev: Evidence, parent: str, seen: list[str], within: dict, layers: dict) -> float | None:
+def identical_after(used: Evidence, parent: str, seen: list[str], hidden: set, exact: set) -> float | None:
     """The largest relative distance to `parent` of the tensors the disguise did not touch, when
-    they are all within rounding and every disguised layer's products are too; else None."""
-    used = ev.memo(EVIDENCE, lambda: ev)
+    they are all within rounding and every changed matrix belongs to a layer whose invariant
+    product agrees within rounding; else None."""
     if used.per[parent].coverage < IDENTICAL_COVERAGE:
         return None
-    parts = {p for k in seen for p in KINDS[k]}
     worst = 0.0
     for r in used.rows:
         if r.status == "skipped" and r.reason.endswith("is not a weight"):
@@ -205,11 +210,6 @@ def identical_after(ev: Evidence, parent: str, seen: list[str], within: dict, la
             continue
         part, pre = _part(r.tensor), layer_prefix(r.tensor)
         kind = next((k for k in seen if part in KINDS[k]), None)
-        if part not in parts or kind is None or pre not in within[kind]:
+        if kind is None or (pre, part) not in hidden or (pre, kind) not in exact:
             return None
-    # every layer the disguise touched must agree, not only the ones that were read
-    for pre, touched in layers.items():
-        for k in seen:
-            if set(KINDS[k]) & touched and pre not in within[k]:
-                return None
     return worst
