@@ -7,7 +7,8 @@ hidden dimension permuted and one with the residual stream rotated (norm
 gains folded, random new gains), and audits each against the original with
 `run_local`: the plain copy costs the fit alone; the disguised ones add the
 gauge estimate (a sample of embedding rows) and the refit in the
-suspect's gauge. Prints seconds and the ratio to the plain audit, measured
+suspect's gauge, and the last (every disguise of benchmarks/attacks.py at
+once) the invariant products of every layer. Prints seconds and the ratio to the plain audit, measured
 in the same run.
 """
 
@@ -40,6 +41,7 @@ def main() -> None:
             "unrelated model": init_llama(1, cfg),
             "hidden permuted": attacks.permute_hidden(base, 1),
             "residual rotated": attacks.rotate_residual(base, 2, new_gains=True),
+            "every disguise": attacks.everything(base, 3, cfg["heads"], cfg["kv"]),
         }
         times = {}
         for name, w in suspects.items():
