@@ -14,6 +14,7 @@ is not the current one, so a folder that happens to be called `lineage`
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -88,7 +89,7 @@ def mergekit_yaml() -> str:
 def certify(out: Path) -> None:
     """Rerun every recipe in `out`/verdicts with mergekit into `out`/certify/SUSPECT, compare with the
     suspect, and write the certificate into the verdict (JSON) and `verdicts/SUSPECT.certificate.json`."""
-    from lineage.certify import certificate, compare
+    from lineage.certify import certificate, implied_density
     from lineage.output import atomic_write_bytes
 
     todo = []
@@ -109,17 +110,30 @@ def certify(out: Path) -> None:
             print(f"{name}: skipped: certify compares with local files, and {src} is a hub source (download it first)")
             continue
         rerun = out / "certify" / name
-        shutil.rmtree(rerun, ignore_errors=True)
-        rerun.parent.mkdir(parents=True, exist_ok=True)
-        log = out / "certify" / f"{name}.log"
-        with open(log, "wb") as lf:
-            r = subprocess.run(
-                [exe, str(out / v["recipe"]), str(rerun), "--no-copy-tokenizer"], stdout=lf, stderr=subprocess.STDOUT
-            )
-        if r.returncode != 0:
-            print(f"{name}: mergekit failed on the recipe (exit {r.returncode}); its output is in {log}")
+        base = None
+        if v.get("merge_family") == "dare" and v.get("base"):
+            b = ((v.get("sources") or {}).get(v["base"]) or {}).get("source", "")
+            base = Path(b) if b and not b.startswith("hf://") else None
+        cmp = rerun_and_compare(exe, out / v["recipe"], rerun, Path(src), base)
+        if cmp is None:
             continue
-        cert = certificate(v, compare(rerun, Path(src)), f"certify/{name}")
+        calibrated = None
+        d = cmp.get("distribution")
+        used = recipe_density(out / v["recipe"])
+        if d and used is not None and d["consistent"] < d["tensors"]:
+            # DARE: calibrate the density by this rerun's moved fraction, and rerun once with it
+            new = implied_density(cmp, used, len(v.get("parents") or []))
+            if new is not None and 0 < new <= 1 and abs(new - used) >= 0.01:
+                set_density(out / v["recipe"], used, round(new, 2))
+                again = rerun_and_compare(exe, out / v["recipe"], rerun, Path(src), base)
+                if again is not None:
+                    calibrated = {"from": used, "to": round(new, 2), "first_rerun": _summary(d)}
+                    cmp = again
+        if cmp.get("distribution"):
+            cmp["distribution"].pop("all", None)
+        cert = certificate(v, cmp, f"certify/{name}")
+        if calibrated:
+            cert["density_calibrated"] = calibrated
         v["certificate"] = cert
         atomic_write_bytes(f, (json.dumps(v, indent=2) + "\n").encode())
         atomic_write_bytes(out / "verdicts" / f"{name}.certificate.json", (json.dumps(cert, indent=2) + "\n").encode())
@@ -127,6 +141,46 @@ def certify(out: Path) -> None:
             f"{name}: {v.get('method')}: {cert['within_storage_rounding']}/{cert['tensors']} tensors within the storage "
             f"dtype's rounding, largest relative distance {cert['max_rel_dist']:.2g}: {cert['note']}"
         )
+
+
+def rerun_and_compare(exe: str, recipe: Path, rerun: Path, suspect: Path, base: Path | None) -> dict | None:
+    """Run `recipe` with mergekit into `rerun` (its output in rerun.log) and compare with the suspect."""
+    from lineage.certify import compare
+
+    shutil.rmtree(rerun, ignore_errors=True)
+    rerun.parent.mkdir(parents=True, exist_ok=True)
+    log = rerun.with_name(rerun.name + ".log")
+    with open(log, "wb") as lf:
+        r = subprocess.run([exe, str(recipe), str(rerun), "--no-copy-tokenizer"], stdout=lf, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        print(f"{rerun.name}: mergekit failed on the recipe (exit {r.returncode}); its output is in {log}")
+        return None
+    return compare(rerun, suspect, base)
+
+
+DENSITY = re.compile(r"^(\s+density: )([0-9.]+)\s*$", re.M)
+
+
+def recipe_density(recipe: Path) -> float | None:
+    """The density a recipe gives its models (the first; lineage writes one for all)."""
+    m = DENSITY.search(recipe.read_text())
+    return float(m.group(2)) if m else None
+
+
+def set_density(recipe: Path, old: float, new: float) -> None:
+    """Rewrite the recipe's densities, saying so in its header."""
+    from lineage.output import atomic_write_bytes
+
+    text = DENSITY.sub(lambda m: f"{m.group(1)}{new}", recipe.read_text())
+    note = (
+        f"# density {new}: calibrated by lineage certify (a rerun at {old} moved a different fraction of elements "
+        "from the base than the suspect did)\n"
+    )
+    atomic_write_bytes(recipe, (note + text).encode())
+
+
+def _summary(d: dict) -> dict:
+    return {k: d[k] for k in ("tensors", "consistent", "max_kept_frac_diff", "median_kept_frac", "median_rms_ratio")}
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ the suspect's storage dtype (2^-8 for BF16: a reconstruction computed in
 another order differs from the stored one by about one rounding step). A
 deterministic recipe (linear, task arithmetic, slerp, passthrough) that
 reproduces every tensor within it is `exact`; DARE draws random masks, so
-its rerun is another draw and is reported as not replayable, and a merge
-changed afterwards is reproduced only up to that change. Tensors are
+its rerun is another draw and is reported as not replayable; it is tested
+in distribution instead (`distribution`: per tensor, the fraction of
+elements moved from the base and the RMS of the move, suspect against
+rerun). A merge changed afterwards is reproduced only up to that change. Tensors are
 compared one at a time (memory bounded by the largest tensor).
 """
 
@@ -41,12 +43,15 @@ def _tensors(folder: Path) -> dict[str, Path]:
     return out
 
 
-def compare(rerun: Path, suspect: Path) -> dict:
-    """Per tensor |rerun - suspect| / |suspect|, and the certificate that summarises them."""
+def compare(rerun: Path, suspect: Path, base: Path | None = None) -> dict:
+    """Per tensor |rerun - suspect| / |suspect|, and the certificate that summarises them; with
+    `base` (a DARE merge's base model), also the distributional test (`distribution`)."""
     import torch
     from safetensors import safe_open
 
     made, want = _tensors(rerun), _tensors(suspect)
+    based = _tensors(base) if base is not None else {}
+    dist = []
     if not want:
         raise LineageError(f"{suspect}: no .safetensors files to compare the rerun with")
     rows = []
@@ -69,14 +74,70 @@ def compare(rerun: Path, suspect: Path) -> dict:
         s64, r64 = s.double(), r.double()
         rel = float((r64 - s64).norm() / s64.norm().clamp_min(1e-300))
         rows.append({"tensor": name, "rel_dist": rel, "within": rel <= DTYPES[dtype].unit_roundoff, "reason": ""})
+        if name in based:
+            with safe_open(str(based[name]), framework="pt") as h:
+                b = h.get_tensor(name)
+            if b.shape == s.shape:
+                dist.append(kept(s64, r64, b.double(), DTYPES[dtype].unit_roundoff, name))
     rels = [r["rel_dist"] for r in rows if r["rel_dist"] is not None]
+    extra = {"distribution": distribution(dist)} if dist else {}
     return {
+        **extra,
         "tensors": len(rows),
         "within_storage_rounding": sum(r["within"] for r in rows),
         "max_rel_dist": max(rels) if rels else math.inf,
         "median_rel_dist": statistics.median(rels) if rels else math.inf,
         "worst": sorted((r for r in rows if not r["within"]), key=lambda r: -(r["rel_dist"] or math.inf))[:5],
     }
+
+
+#: A rerun of DARE is consistent in distribution with the suspect when, per tensor, the fraction
+#: of elements that moved from the base differs by at most this (or 5 binomial standard errors),
+#: and the moved part's RMS by at most DARE_RMS_TOL relative.
+DARE_KEPT_TOL = 0.01
+DARE_RMS_TOL = 0.1
+
+
+def kept(s, r, b, unit: float, name: str) -> dict:
+    """How much of the suspect and of the rerun moved from the base: the fraction of elements
+    beyond storage rounding of the base's, and the RMS of the move."""
+    tol = unit * b.abs()
+    ks, kr = float(((s - b).abs() > tol).double().mean()), float(((r - b).abs() > tol).double().mean())
+    n = s.numel()
+    rs, rr = float((s - b).norm()) / n**0.5, float((r - b).norm()) / n**0.5
+    se = 5 * (max(ks * (1 - ks), 1e-12) / n) ** 0.5
+    ratio = rs / rr if rr > 0 else (1.0 if rs == 0 else math.inf)
+    ok = abs(ks - kr) <= max(DARE_KEPT_TOL, se) and abs(ratio - 1) <= DARE_RMS_TOL
+    return {"tensor": name, "kept_suspect": ks, "kept_rerun": kr, "rms_ratio": ratio, "consistent": ok}
+
+
+def distribution(rows: list[dict]) -> dict:
+    """The distributional test over tensors: DARE's random masks cannot be replayed, but the
+    fraction they keep and the rescale of what they keep can be compared."""
+    return {
+        "tensors": len(rows),
+        "consistent": sum(r["consistent"] for r in rows),
+        "max_kept_frac_diff": max(abs(r["kept_suspect"] - r["kept_rerun"]) for r in rows),
+        "median_kept_frac": statistics.median(r["kept_suspect"] for r in rows),
+        "median_rms_ratio": statistics.median(r["rms_ratio"] for r in rows),
+        "worst": sorted(rows, key=lambda r: -abs(r["rms_ratio"] - 1))[:3],
+        "all": rows,
+    }
+
+
+def implied_density(cmp: dict, used: float, parents: int) -> float | None:
+    """The DARE density that would move as many elements as the suspect's, calibrated by the rerun.
+
+    With k parents each keeping a fraction q d of its delta visible after rounding (d the
+    density, q the share of kept deltas that storage rounding does not hide), an element stays
+    at the base's value with probability (1 - q d)^k. The rerun at density `used` measures q;
+    the suspect's moved fraction then gives its d (median over tensors)."""
+    rows = [r for r in (cmp.get("distribution") or {}).get("all", []) if 0 < r["kept_rerun"] < 1 and 0 < r["kept_suspect"] < 1]
+    if not rows or parents < 1:
+        return None
+    k = 1.0 / parents
+    ds = [used * (1 - (1 - r["kept_suspect"]) ** k) / (1 - (1 - r["kept_rerun"]) ** k) for r in rows]
+    return statistics.median(ds)
 
 
 def certificate(verdict: dict, cmp: dict, rerun: str) -> dict:
@@ -90,6 +151,14 @@ def certificate(verdict: dict, cmp: dict, rerun: str) -> dict:
         note = "the recipe reproduces every tensor within the storage dtype's rounding"
     elif not replayable and family and family != "ties":
         note = "DARE draws random masks: the rerun is another draw, equal in distribution only"
+        d = cmp.get("distribution")
+        if d:
+            same = d["consistent"] == d["tensors"]
+            note += (
+                f"; in distribution it {'matches' if same else 'does not match'} on {d['consistent']}/{d['tensors']} "
+                f"tensors (fraction moved from the base {d['median_kept_frac']:.3f}, differing by at most "
+                f"{d['max_kept_frac_diff']:.4f}; RMS of the move {d['median_rms_ratio']:.3f}x the rerun's)"
+            )
     elif trained:
         note = "the merge was changed afterwards: the recipe reproduces it only up to that change"
     else:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from benchmarks.evalset import LLAMA, init_llama, save
 from benchmarks.wild import gradient
@@ -78,3 +79,36 @@ def test_a_recipe_that_does_not_reproduce_says_so(tmp_path):
     cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
     assert not cert["exact"] and cert["within_storage_rounding"] < cert["tensors"]
     assert cert["worst"] and cert["max_rel_dist"] > 0.01
+
+
+def test_a_dare_merge_is_certified_in_distribution(tmp_path):
+    """DARE's random masks cannot be replayed: the rerun is another draw. The certificate then
+    compares what can be compared: per tensor, the fraction of elements moved from the base and
+    the RMS of the move, in the suspect and in the rerun. Made by mergekit itself (dare_linear)."""
+    paths, base, _ = family(tmp_path / "models")
+    cfg = tmp_path / "dare.yaml"
+    cfg.write_text(
+        f"merge_method: dare_linear\nbase_model: {paths['base']}\nmodels:\n"
+        f"  - model: {paths['a']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+        f"  - model: {paths['b']}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n"
+    )
+    made = tmp_path / "models" / "suspect"
+    exe = str(Path(sys.executable).parent / "mergekit-yaml")
+    r = subprocess.run([exe, str(cfg), str(made), "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = audit(tmp_path, made, paths)
+    v = json.loads((out / "verdicts" / "suspect.json").read_text())
+    assert v["verdict"] == "blend" and v["merge_family"] == "dare"
+    r = subprocess.run([LINEAGE, "certify", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
+    assert not cert["replayable"] and not cert["exact"]
+    d = cert["distribution"]
+    assert d["tensors"] == len(base) and d["consistent"] == d["tensors"], d
+    assert abs(d["median_kept_frac"] - 0.75) < 0.05  # kept unless both deltas were dropped: 1 - (1 - 0.5)^2
+    assert "in distribution it matches" in cert["note"]
+    # the density the recipe ends with (estimated, then calibrated by a rerun if that one did not match)
+    final = (cert.get("density_calibrated") or {}).get("to") or yaml.safe_load((out / v["recipe"]).read_text())["models"][0][
+        "parameters"
+    ]["density"]
+    assert abs(final - 0.5) <= 0.04
