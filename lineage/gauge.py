@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from lineage.geometry import View
 from lineage.layout import canonical
 
 if TYPE_CHECKING:
@@ -62,6 +63,19 @@ FOLDS = (
     ),
     (re.compile(r"^lm_head\.weight$"), "norm.weight"),
 )
+
+
+#: Model types whose norms multiply by (1 + w) rather than w (the gain folded is 1 + w). Gemma 2
+#: and 3 do too, but their sandwich norms rule rotations out (explain/gauge.prenorm).
+OFFSET_GAIN_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+
+
+@dataclass(frozen=True)
+class Gain:
+    """A norm's stored weight and what the norm multiplies by: weight + offset."""
+
+    view: View
+    offset: float = 0.0
 
 
 def role(name: str) -> str | None:

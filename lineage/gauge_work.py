@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from lineage.decode import decoded
 from lineage.dtypes import view_tolerance
 from lineage.errors import LineageError, where
-from lineage.gauge import Gauge, distances, gauge_from
+from lineage.gauge import Gain, Gauge, distances, gauge_from
 from lineage.geometry import View
 from lineage.options import FitOptions
 from lineage.reader import Reader
@@ -131,8 +131,8 @@ class RefitItem:
     tensor: str
     role: str  # gauge.role
     s_view: View
-    s_gain: View | None  # the norm whose gain the suspect's tensor absorbs (when folding)
-    cands: tuple[tuple[str, View, View | None, Gauge | None], ...]  # name, view, gain, transform
+    s_gain: Gain | None  # the norm whose gain the suspect's tensor absorbs (when folding)
+    cands: tuple[tuple[str, View, Gain | None, Gauge | None], ...]  # name, view, gain, transform
     nbytes: int
 
     def run(self, reader: Reader, opts: FitOptions) -> Stats | str:
@@ -156,9 +156,9 @@ class RefitItem:
         st.bytes_read = self.nbytes
         return st.fold()
 
-    def _load(self, reader: Reader, view: View, gain: View | None):
+    def _load(self, reader: Reader, view: View, gain: Gain | None):
         x = decoded(reader, view, 0, view.rows)
         x = x.reshape(1, -1) if self.role in ("norm", "vec") else x
         if gain is not None:
-            x = x.double() * decoded(reader, gain, 0, gain.rows).reshape(1, -1).double()
+            x = x.double() * (decoded(reader, gain.view, 0, gain.view.rows).reshape(1, -1).double() + gain.offset)
         return x

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from lineage.decode import decoded
 from lineage.dtypes import DTYPES, MIXED
 from lineage.errors import LineageError, where
-from lineage.gauge import Gauge
+from lineage.gauge import Gain, Gauge
 from lineage.geometry import View
 from lineage.options import FitOptions
 from lineage.reader import Reader
@@ -107,8 +107,8 @@ class InvariantItem:
     gid: int
     layer: str
     parent: str
-    suspect: tuple[tuple[str, View, View | None], ...]  # part, view, gain (folded when given)
-    cand: tuple[tuple[str, View, View | None], ...]
+    suspect: tuple[tuple[str, View, Gain | None], ...]  # part, view, gain (folded when given)
+    cand: tuple[tuple[str, View, Gain | None], ...]
     gauge: Gauge | None
     head_dim: int | None
     nbytes: int
@@ -127,7 +127,7 @@ class InvariantItem:
                 raise ValueError(f"{view.label} is too large ({view.rows * view.cols} elements)")
             x = decoded(reader, view, 0, view.rows).double()
             if gain is not None:
-                x = x * decoded(reader, gain, 0, gain.rows).reshape(1, -1).double()
+                x = x * (decoded(reader, gain.view, 0, gain.view.rows).reshape(1, -1).double() + gain.offset)
             if gauge is not None:
                 x = gauge.apply(x, "writes" if part in ("o", "down") else "reads")
             out[part] = x

@@ -153,3 +153,31 @@ def test_head_and_unit_disguises_of_a_copy_are_seen_through(tmp_path, models):
     tuned = {k: x + 0.05 * x.std() * torch.randn(x.shape, generator=g) if x.ndim == 2 else x for k, x in base.items()}
     v = audit(tmp_path, "tuned", attacks.scale_mlp_units(tuned, 14), {"base": base})
     assert v["verdict"] == "derived" and "MLP unit rescaling" in v["undone"]
+
+
+def test_gemma_norms_fold_as_one_plus_w(tmp_path, models):
+    """Gemma's RMSNorm multiplies by (1 + w): a rotated Gemma-style copy (the gains 1 + w folded
+    into the readers, the stored w then 0) is identical once its gains are folded as 1 + w."""
+    import json
+
+    base, _ = models
+    g = torch.Generator().manual_seed(21)
+    gem = {k: 0.1 * torch.randn(v.shape, generator=g) if k.endswith("norm.weight") else v for k, v in base.items()}
+    effective = {k: v + 1 if k.endswith("norm.weight") else v for k, v in gem.items()}  # what the norms multiply by
+    rotated = attacks.rotate_residual(effective, 22)  # folds the gains, rotates; the gains are then 1...
+    disguised = {k: v - 1 if k.endswith("norm.weight") else v for k, v in rotated.items()}  # ...stored as w = 0
+    assert attacks.check(effective, {k: v + 1 if k.endswith("norm.weight") else v for k, v in disguised.items()}, CFG) < 1e-5
+    root = tmp_path / "gemma"
+    paths = {n: save(root / n, w, shape=CFG) for n, w in (("suspect", disguised), ("base", gem))}
+    for p in paths.values():
+        cfg = json.loads((p / "config.json").read_text())
+        (p / "config.json").write_text(json.dumps(cfg | {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    ms = ModelSet.from_dict(
+        {
+            "name": "g",
+            "suspects": [{"name": "suspect", "source": str(paths["suspect"])}],
+            "candidates": [{"name": "base", "source": str(paths["base"])}],
+        }
+    )
+    (v,) = run_local(ms, root / "out")
+    assert v["verdict"] == "identical" and v["undone"] == ["residual rotation"]

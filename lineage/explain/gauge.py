@@ -29,10 +29,11 @@ from lineage.dtypes import DTYPES, MIXED
 from lineage.explain.evidence import Evidence
 from lineage.explain.table import _rows_of
 from lineage.explain.thresholds import GAUGE_MIN_CORR, GAUGE_MIN_GAIN
-from lineage.gauge import folded_norm, role
+from lineage.gauge import OFFSET_GAIN_TYPES, Gain, folded_norm, role
 from lineage.gauge_work import MAX_GAUGE_HIDDEN, EstimateItem, RefitItem
 from lineage.geometry import View
 from lineage.layout import canonical
+from lineage.modelconfig import read_config
 from lineage.rows import SCHEMA, tensor_row
 
 MEMO, GROUPS = "gauge estimates", "gauge groups"
@@ -42,9 +43,14 @@ RANK = {"unrelated": 0, "inconclusive": 0, "derived": 1, "blend": 2, "identical"
 
 
 def prenorm(model) -> bool:
-    """RMSNorm without biases (Llama, Qwen, Mistral): gains fold, rotations are allowed."""
+    """RMSNorm without biases, each norm read by matrices (Llama, Qwen, Mistral, Gemma 1): gains
+    fold, rotations are allowed. Not LayerNorm (its mean subtraction), and not the sandwich norms
+    of Gemma 2 and 3, whose norm of the attention output feeds the residual stream directly:
+    there only a permutation of the hidden dimension keeps the function."""
     norms = [n for n in model.tensors if role(n) == "norm"]
-    return bool(norms) and not any(n.endswith(".bias") for n in norms)
+    if not norms or any(n.endswith(".bias") for n in norms):
+        return False
+    return not any("feedforward_layernorm" in n for n in norms)
 
 
 def embedding(model) -> str | None:
@@ -248,10 +254,27 @@ def adopted(ev: Evidence) -> dict:
     return ev.memo(ADOPTED, dict)
 
 
-def gain_view(ix: Index, norm: str) -> View | None:
-    """The view of the norm (canonical name) whose gain a reader absorbs, if the model has it."""
+def gain_view(ix: Index, norm: str) -> Gain | None:
+    """The norm (canonical name) whose gain a reader absorbs, if the model has it, with the
+    offset its model type adds (Gemma's norms multiply by 1 + w)."""
     e = ix.by_name.get(canonical(norm)) or ix.by_name.get(norm)
-    return View((ix.seg(e),)) if e is not None and len(e.shape) == 1 else None
+    if e is None or len(e.shape) != 1:
+        return None
+    return Gain(View((ix.seg(e),)), gain_offset(ix.model))
+
+
+_OFFSETS: dict[str, float] = {}
+
+
+def gain_offset(model) -> float:
+    """1 for model types whose norms multiply by (1 + w) (config.json's model_type), else 0;
+    read once per model."""
+    key = f"{model.root}@{model.commit}"
+    if key not in _OFFSETS:
+        doc, _ = read_config(model)
+        kind = doc.get("model_type") if isinstance(doc, dict) else None
+        _OFFSETS[key] = 1.0 if kind in OFFSET_GAIN_TYPES else 0.0
+    return _OFFSETS[key]
 
 
 def explain(ev: Evidence) -> dict:
