@@ -21,6 +21,7 @@ embedding, so any A is allowed), and BERT for `permute_hidden`.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -191,6 +192,52 @@ def everything(w: dict, seed: int, heads: int, kv: int) -> dict:
     return transform_vo(w, seed + 3, heads, kv)
 
 
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight", "embeddings.word_embeddings.weight")
+
+
+def permute_vocab(w: dict, tokenizer: dict, seed: int) -> tuple[dict, dict]:
+    """The token ids reordered: the embedding's (and the head's) rows permuted and the
+    tokenizer rewritten to match, so every text is computed as before. Row i of the new model
+    is row p[i] of the old; token id j becomes inv[j]."""
+    g = torch.Generator().manual_seed(seed)
+    rows = next(v.shape[0] for k, v in w.items() if k.endswith(VOCAB_ROWS))
+    p = torch.randperm(rows, generator=g)
+    inv = torch.empty_like(p)
+    inv[p] = torch.arange(rows)
+    out = {k: v[p] if k.endswith(VOCAB_ROWS) else v for k, v in w.items()}
+    tok = json.loads(json.dumps(tokenizer))
+    tok["model"]["vocab"] = {t: int(inv[i]) for t, i in tokenizer["model"]["vocab"].items()}
+    for e in tok.get("added_tokens", []):
+        e["id"] = int(inv[e["id"]])
+    return out, tok
+
+
+def plain_tokenizer(rows: int) -> dict:
+    """A tokenizer.json for byte-level models without one: token "<i>" is row i."""
+    return {
+        "version": "1.0",
+        "added_tokens": [],
+        "model": {"type": "WordLevel", "vocab": {f"<{i}>": i for i in range(rows)}, "unk_token": "<0>"},
+    }
+
+
+def vocab_check(before: dict, after: dict, tok_before: dict, tok_after: dict, cfg: dict | None) -> float:
+    """Largest change of the Llama's logits when each text is encoded by its own tokenizer:
+    the same tokens, their ids mapped from one vocabulary to the other."""
+    old, new = tok_before["model"]["vocab"], tok_after["model"]["vocab"]
+    to_new = torch.tensor([new[t] for t, _ in sorted(old.items(), key=lambda kv: kv[1])])
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, len(to_new), (2, 32 if cfg else 16), generator=g)
+    if cfg is None:  # BERT: the inner products of the last hidden states
+        a, b = bert_hidden(before, tokens=tokens).flatten(0, 1), bert_hidden(after, tokens=to_new[tokens]).flatten(0, 1)
+        a, b = a @ a.T, b @ b.T
+        return float((a - b).abs().max() / a.abs().max())
+    with torch.no_grad():
+        a = forward({k: v.double() for k, v in before.items()}, tokens, cfg["layers"], cfg["heads"], cfg["kv"])
+        b = forward({k: v.double() for k, v in after.items()}, to_new[tokens], cfg["layers"], cfg["heads"], cfg["kv"])
+    return float((a - b[..., to_new]).abs().max() / a.abs().max())
+
+
 def llama_logits(w: dict, cfg: dict, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, cfg["vocab"], (2, 32), generator=g)
@@ -241,11 +288,12 @@ def bert_gram(w: dict) -> torch.Tensor:
     return x @ x.T
 
 
-def bert_hidden(w: dict, seed: int = 0, heads: int = 12) -> torch.Tensor:
+def bert_hidden(w: dict, seed: int = 0, heads: int = 12, tokens: torch.Tensor | None = None) -> torch.Tensor:
     """all-MiniLM-L6-v2's last hidden state for random tokens (post-LN BERT, float64)."""
     x = {k.removeprefix("bert."): v.double() for k, v in w.items()}
     g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, x["embeddings.word_embeddings.weight"].shape[0], (2, 16), generator=g)
+    if tokens is None:
+        tokens = torch.randint(0, x["embeddings.word_embeddings.weight"].shape[0], (2, 16), generator=g)
 
     def ln(y: torch.Tensor, pre: str) -> torch.Tensor:
         return F.layer_norm(y, y.shape[-1:], x[pre + "LayerNorm.weight"], x[pre + "LayerNorm.bias"], 1e-12)
@@ -335,6 +383,42 @@ def cases(root, add, save, cfg: dict, models: dict, paths: dict, fam: dict, ft: 
     )
     case("unrelated model, rotated (control)", rotate_residual(other, 43, True), other, one, "unrelated")
     case("unrelated model, hidden permuted (control)", permute_hidden(other, 44), other, one, "unrelated")
+    # the vocabulary reordered, with the tokenizer rewritten (the base given a plain tokenizer.json)
+    tok = plain_tokenizer(cfg["vocab"])
+    tbase = save(root / "atk-base-tokenized", base)
+    (tbase / "tokenizer.json").write_text(json.dumps(tok))
+    for name, w0, seed, truth in (
+        ("vocabulary reordered", base, 47, {"expect": "identical", "undone": ["vocabulary reordered"]}),
+        (
+            "vocabulary reordered, residual rotated",
+            rotate_residual(base, 48, True),
+            49,
+            {"expect": "identical", "undone": ["vocabulary reordered", "residual rotation"]},
+        ),
+        ("unrelated model, vocabulary reordered (control)", other, 50, {"expect": "unrelated"}),
+    ):
+        w1, tok1 = permute_vocab(w0, tok, seed)
+        err = vocab_check(w0, w1, tok, tok1, cfg)
+        if not err < 1e-5:
+            raise AssertionError(f"{name}: the disguise changed the model's output (relative {err:.2g})")
+        folder = save(root / ("atk-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")), w1)
+        (folder / "tokenizer.json").write_text(json.dumps(tok1))
+        expect = truth.pop("expect")
+        add(f"disguise: {name}", folder, {"base": tbase}, expect, **truth)
+    mtok = json.loads((bert_path.parent / "tokenizer.json").read_text())
+    w1, tok1 = permute_vocab(permute_hidden(bert, 51), mtok, 52)
+    err = vocab_check(bert, w1, mtok, tok1, None)
+    if not err < 1e-5:
+        raise AssertionError(f"minilm vocabulary reordered: the disguise changed the model's output (relative {err:.2g})")
+    folder = save(root / "atk-minilm-vocabulary-reordered", w1, None)
+    (folder / "tokenizer.json").write_text(json.dumps(tok1))
+    add(
+        "disguise: minilm vocabulary reordered, hidden dim permuted",
+        folder,
+        {"minilm": bert_path},
+        "identical",
+        undone=["vocabulary reordered", "residual permutation"],
+    )
     folder = root / "atk-minilm-hidden-permuted"
     add(
         "disguise: minilm hidden dim permuted",

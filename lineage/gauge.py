@@ -142,9 +142,15 @@ class Gauge:
     fold: bool
 
     @property
+    def identity(self) -> bool:
+        return self.perm is not None and self.signs is None and bool((self.perm == np.arange(len(self.perm))).all())
+
+    @property
     def kind(self) -> str:
         if self.perm is None:
             return "rotation"
+        if self.identity:
+            return "identity"
         return "signed permutation" if (self.signs is not None and (self.signs < 0).any()) else "permutation"
 
     def cols(self, x: torch.Tensor) -> torch.Tensor:

@@ -181,3 +181,46 @@ def test_gemma_norms_fold_as_one_plus_w(tmp_path, models):
     )
     (v,) = run_local(ms, root / "out")
     assert v["verdict"] == "identical" and v["undone"] == ["residual rotation"]
+
+
+def test_a_reordered_vocabulary_is_aligned_by_token_strings(tmp_path, models):
+    """Token ids reordered with the tokenizer rewritten (the function unchanged): the rows are
+    paired by their token strings in tokenizer.json, and the copy is identical."""
+    import json
+
+    base, _ = models
+    tok = attacks.plain_tokenizer(CFG["vocab"])
+    w, tok2 = attacks.permute_vocab(attacks.permute_hidden(base, 23), tok, 24)
+    assert attacks.vocab_check(base, w, tok, tok2, CFG) < 1e-5
+    root = tmp_path / "vocab"
+    paths = {n: save(root / n, m, shape=CFG) for n, m in (("suspect", w), ("base", base))}
+    (paths["suspect"] / "tokenizer.json").write_text(json.dumps(tok2))
+    (paths["base"] / "tokenizer.json").write_text(json.dumps(tok))
+    ms = ModelSet.from_dict(
+        {
+            "name": "g",
+            "suspects": [{"name": "suspect", "source": str(paths["suspect"])}],
+            "candidates": [{"name": "base", "source": str(paths["base"])}],
+        }
+    )
+    (v,) = run_local(ms, root / "out")
+    assert v["verdict"] == "identical" and v["undone"] == ["vocabulary reordered", "residual permutation"]
+    assert v["gauge"]["base"]["vocabulary"] == {"shared_tokens": CFG["vocab"], "reordered": True}
+    # a hostile tokenizer.json (ids that are not row numbers) is reported, not followed
+    (paths["suspect"] / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": -1, "b": "x"}}}))
+    (v,) = run_local(ms, root / "out2")
+    assert v["verdict"] != "identical"
+    assert any("not a row number" in w_ for w_ in v.get("warnings", []))
+
+
+def test_tokenizer_vocabularies_of_every_kind():
+    from lineage.tokens import shared_rows, vocab_of
+
+    assert vocab_of({"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": [{"id": 2, "content": "<s>"}]}, "t") == (
+        {"a": 0, "b": 1, "<s>": 2},
+        None,
+    )
+    assert vocab_of({"model": {"vocab": [["a", -1.0], ["b", -2.0]]}}, "t") == ({"a": 0, "b": 1}, None)
+    assert vocab_of({"model": {}}, "t")[0] is None
+    s, c = shared_rows({"a": 0, "b": 1, "c": 2}, {"c": 0, "a": 1, "z": 2}, 3, 3)
+    assert s.tolist() == [0, 2] and c.tolist() == [1, 0]

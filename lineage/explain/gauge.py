@@ -22,6 +22,7 @@ disguise named in `undone`.
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from lineage.align import Index, align
@@ -30,15 +31,16 @@ from lineage.explain.evidence import Evidence
 from lineage.explain.table import _rows_of
 from lineage.explain.thresholds import GAUGE_MIN_CORR, GAUGE_MIN_GAIN
 from lineage.gauge import OFFSET_GAIN_TYPES, Gain, folded_norm, role
-from lineage.gauge_work import MAX_GAUGE_HIDDEN, EstimateItem, RefitItem
+from lineage.gauge_work import MAX_GAUGE_HIDDEN, MAX_GAUGE_ROWS, EstimateItem, RefitItem
 from lineage.geometry import View
 from lineage.layout import canonical
 from lineage.modelconfig import read_config
 from lineage.rows import SCHEMA, tensor_row
+from lineage.tokens import read_vocab, reordered, shared_rows
 
 MEMO, GROUPS = "gauge estimates", "gauge groups"
 #: Memo keys other refiners read: the evidence refitted in the adopted gauge, and the adopted transforms.
-EVIDENCE, ADOPTED = "gauge evidence", "gauge adopted"
+EVIDENCE, ADOPTED, VOCAB = "gauge evidence", "gauge adopted", "gauge vocabularies"
 RANK = {"unrelated": 0, "inconclusive": 0, "derived": 1, "blend": 2, "identical": 3}
 
 
@@ -67,7 +69,8 @@ class GaugeEstimate:
     refines = True
 
     def targets(self, ev: Evidence, verdict: dict | None) -> list[str]:
-        """Candidates a disguise could hide: same hidden size, not related to the suspect."""
+        """Candidates a disguise could hide: same hidden size, and not related to the suspect or
+        with their vocabulary in another order (tokens.py)."""
         if verdict is None or verdict["verdict"] == "identical" or not ev.models:
             return []
         suspect = ev.models.get(ev.suspect)
@@ -75,11 +78,12 @@ class GaugeEstimate:
         if se is None:
             return []
         parents = {p["name"] for p in verdict.get("parents", [])}
+        maps = vocab_maps(ev)
         out = []
         for n in ev.reps:
             m = ev.models.get(n)
             ce = embedding(m) if m is not None else None
-            if ce is None or n in parents or n in ev.related:
+            if ce is None or ((n in parents or n in ev.related) and n not in maps):
                 continue
             hidden = suspect.tensors[se].shape[1]
             if m.tensors[ce].shape[1] == hidden:
@@ -96,14 +100,20 @@ class GaugeEstimate:
         suspect = ev.models[ev.suspect]
         se = embedding(suspect)
         sv = _view(suspect, se)
+        maps = vocab_maps(ev)
         items = []
         for n in names:
             m = ev.models[n]
             cv = _view(m, embedding(m))
             fold = prenorm(suspect) and prenorm(m)
-            rows = min(sv.rows, cv.rows)
+            pairs = None
+            if n in maps:
+                si, ci = maps[n]
+                pick = np.unique(np.linspace(0, len(si) - 1, min(MAX_GAUGE_ROWS, len(si))).astype(np.int64))
+                pairs = (si[pick], ci[pick])
+            rows = min(sv.rows, cv.rows) if pairs is None else len(pairs[0])
             nbytes = rows * (sv.cols * 4 + cv.cols * 4)
-            items.append(EstimateItem(len(items), n, sv, cv, fold, nbytes))
+            items.append(EstimateItem(len(items), n, sv, cv, fold, nbytes, pairs))
         return items
 
     def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
@@ -141,6 +151,7 @@ class GaugeRefit:
         cands = [ev.models[c.name] for c in ev.candidates if c.name in ev.models]
         fold = all(e.gauge.fold for e in found.values()) and prenorm(suspect)
         rotation = any(e.gauge.perm is None for e in found.values())
+        maps = {n: mp for n, mp in vocab_maps(ev).items() if n in found}
         groups, _ = align(suspect, cands)
         ixs = {m.name: Index.build(m) for m in [suspect, *cands]}
         items, planned = [], ev.memo(GROUPS, list)
@@ -155,15 +166,21 @@ class GaugeRefit:
             if norm and s_gain is None:
                 continue
             sides = []
+            s_view = g.view
             for side in g.paired:
                 c_gain = gain_view(ixs[side.candidate], norm) if norm else None
                 if norm and c_gain is None:
                     break
                 e = found.get(side.candidate)
-                sides.append((side.candidate, side.view, c_gain, e.gauge if e else None))
+                gz = e.gauge if e is not None and not e.gauge.identity else None
+                sides.append((side.candidate, side.view, c_gain, gz))
             else:
+                rows = None
+                if maps and vocab_matrix(g.tensor):
+                    # compared on the tokens every candidate shares with the suspect, row by token
+                    s_view, sides, rows = token_rows(g, sides, maps, ixs)
                 nbytes = g.nbytes
-                items.append(RefitItem(len(items), g.tensor, r, g.view, s_gain, tuple(sides), nbytes))
+                items.append(RefitItem(len(items), g.tensor, r, s_view, s_gain, tuple(sides), nbytes, rows))
                 planned.append(g)
         return items
 
@@ -184,6 +201,9 @@ class GaugeRefit:
             }
             for n, e in est.items()
         }
+        for n, (si, _) in vocab_maps(ev).items():
+            if n in section:
+                section[n]["vocabulary"] = {"shared_tokens": len(si), "reordered": True}
         verdict["gauge"] = section
         if not results:
             return verdict
@@ -219,15 +239,18 @@ class GaugeRefit:
             if n not in related:
                 section[n]["found"] = None
                 section[n]["rejected"] = "the other matrices do not relate in the transformed gauge"
-        kinds = sorted({found[n].gauge.kind for n in related})
+        kinds = sorted({found[n].gauge.kind for n in related} - {"identity"})
         rotated = any(found[n].gauge.perm is None for n in related)
         what = " / ".join(kinds) + (" (norm gains folded first)" if rotated else "")
-        undone = [f"residual {k}" for k in kinds]
+        vocab = [n for n in related if n in vocab_maps(ev)]
+        undone = (["vocabulary reordered"] if vocab else []) + [f"residual {k}" for k in kinds]
         names = " and ".join(related)
-        lead = (
-            f"Against {names}, {ev.suspect}'s residual stream is disguised by a {what} of the hidden dimension "
-            f"(which leaves the function unchanged); undone, "
-        )
+        said = []
+        if vocab:
+            said.append("its vocabulary is reordered (rows aligned by their token strings, tokenizer.json)")
+        if kinds:
+            said.append(f"its residual stream is disguised by a {what} of the hidden dimension")
+        lead = f"Against {names}, {ev.suspect}: {' and '.join(said)} (which leaves the function unchanged); undone, "
         v2["explanation"] = lead + v2["explanation"][0].lower() + v2["explanation"][1:]
         ev.memo(EVIDENCE, lambda: ev2)
         ev.memo(ADOPTED, dict).update({n: found[n].gauge for n in related})
@@ -236,6 +259,28 @@ class GaugeRefit:
         if verdict.get("warnings"):
             v2.setdefault("warnings", []).extend(verdict["warnings"])
         return v2
+
+
+def token_rows(g, sides: list, maps: dict, ixs: dict) -> tuple[View, list, tuple]:
+    """A vocabulary matrix's whole views (not cropped to the shorter vocabulary) and its rows
+    paired by token: the suspect rows every candidate has a token for, each candidate's rows of
+    those tokens (rows of equal index for a candidate whose order is the suspect's)."""
+    s_ix = ixs[g.suspect]
+    s_view = View((s_ix.seg(s_ix.model.tensors[g.tensor]),))
+    full, lookup = [], []
+    for name, view, gain, gz in sides:
+        c_ix = ixs[name]
+        entry = c_ix.by_name.get(g.canonical)
+        cv = View((c_ix.seg(entry),)) if entry is not None else view
+        full.append((name, cv, gain, gz))
+        if name in maps:
+            si, ci = maps[name]
+            lookup.append(dict(zip(si.tolist(), ci.tolist())))
+        else:
+            lookup.append({i: i for i in range(min(s_view.rows, cv.rows))})
+    keep = sorted(set.intersection(*(set(d) for d in lookup))) if lookup else []
+    s_rows = np.array(keep, dtype=np.int64)
+    return s_view, full, (s_rows, tuple(np.array([d[i] for i in keep], dtype=np.int64) for d in lookup))
 
 
 def recomputed(row: dict) -> dict:
@@ -247,6 +292,44 @@ def recomputed(row: dict) -> dict:
         if c["rounding_tol"] is not None and MIXED not in (row["dtype"], c["dtype"]):
             c["rounding_tol"] = DTYPES[row["dtype"]].unit_roundoff + DTYPES[c["dtype"]].unit_roundoff
     return row
+
+
+def vocab_maps(ev: Evidence) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Candidate -> (suspect rows, candidate rows) of the tokens both have, for the candidates
+    whose tokenizer.json orders the shared tokens differently from the suspect's (read once)."""
+
+    def compute() -> dict:
+        suspect = ev.models.get(ev.suspect)
+        se = embedding(suspect) if suspect is not None else None
+        if se is None:
+            return {}
+        vs, why = read_vocab(suspect)
+        if vs is None:
+            if why:
+                ev.warnings.append(f"vocabularies not aligned: {why}")
+            return {}
+        out = {}
+        for n in ev.reps:
+            m = ev.models.get(n)
+            ce = embedding(m) if m is not None else None
+            if ce is None:
+                continue
+            vc, why = read_vocab(m)
+            if vc is None:
+                if why:
+                    ev.warnings.append(f"vocabularies not aligned: {why}")
+                continue
+            si, ci = shared_rows(vs, vc, suspect.tensors[se].shape[0], m.tensors[ce].shape[0])
+            if reordered(si, ci):
+                out[n] = (si, ci)
+        return out
+
+    return ev.memo(VOCAB, compute)
+
+
+def vocab_matrix(name: str) -> bool:
+    """A matrix whose rows are tokens: the embedding, and the output head."""
+    return role(name) == "embed" or canonical(name) == "lm_head.weight"
 
 
 def adopted(ev: Evidence) -> dict:

@@ -162,11 +162,17 @@ def parse_url(url: str) -> tuple[str, str, str] | None:
 
 def read_config(root: str, size: int | None) -> bytes | None:
     """config.json beside a hub model's shards (`size` from the tree; capped), or None."""
-    parts = parse_url(root + "/config.json")
+    return read_beside(root, "config.json", size, MAX_CONFIG_BYTES)
+
+
+def read_beside(root: str, name: str, size: int | None, cap: int) -> bytes | None:
+    """A small file beside a hub model's shards (`size` from the tree), refused above `cap`: from
+    the local cache at the commit, else fetched; None when the tree does not list it."""
+    parts = parse_url(f"{root}/{name}")
     if parts is None or size is None:
         return None
     repo_id, commit, filename = parts
     local = cached_file(repo_id, filename, commit, size)
     if local is not None:
-        return read_small(local, MAX_CONFIG_BYTES, "config.json")
-    return read_document(root + "/config.json", MAX_CONFIG_BYTES, size, "config.json")
+        return read_small(local, cap, name)
+    return read_document(f"{root}/{name}", cap, size, name)
