@@ -344,7 +344,7 @@ def cases(root, add, save, cfg: dict, models: dict, paths: dict, fam: dict, ft: 
     case("residual rotated, norms folded", rotate_residual(base, 32), base, one, "identical", undone=["residual rotation"])
     case("rotated, random new gains", rotate_residual(base, 33, True), base, one, "identical", undone=["residual rotation"])
     case("fine-tune, rotated", rotate_residual(ft1, 34, True), ft1, one, "derived", parent="base", undone=["residual rotation"])
-    mlp, qk, ov = ["MLP unit rescaling"], ["per-head Q/K transform"], ["per-head V/O transform"]
+    mlp, qk, ov = ["MLP units rescaled or permuted"], ["Q/K heads transformed or permuted"], ["V/O heads transformed or permuted"]
     case("MLP units scaled", scale_mlp_units(base, 35), base, one, "identical", undone=mlp)
     case("Q/K scaled per head", transform_qk(base, 36, h, kv, scale_only=True), base, one, "identical", undone=qk)
     case("Q/K by A and A^-T", transform_qk(base, 37, h, kv), base, one, "identical", undone=qk)

@@ -55,7 +55,11 @@ PARTS = {
 }
 KINDS = {"qk": ("q", "k"), "ov": ("o", "v"), "mlp": ("down", "up")}
 #: What a disagreement of the direct matrices with agreeing invariants means.
-DISGUISE = {"qk": "per-head Q/K transform", "ov": "per-head V/O transform", "mlp": "MLP unit rescaling"}
+DISGUISE = {
+    "qk": "Q/K heads transformed or permuted",
+    "ov": "V/O heads transformed or permuted",
+    "mlp": "MLP units rescaled or permuted",
+}
 
 
 def probe(hidden: int):

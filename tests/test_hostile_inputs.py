@@ -161,8 +161,10 @@ def test_permutation_search_with_a_fifo_config_warns_and_finishes(tmp_path):
     cand = write_model(tmp_path / "cand", real)
     os.mkfifo(cand / "config.json")
     (v,) = run_local(ModelSet.from_dict(modelset({"s": sus}, {"c": cand})), tmp_path / "o")
-    assert v["verdict"] == "derived"
     assert any("attention heads not searched" in w and "config.json: config.json is a FIFO" in w for w in v["warnings"])
+    # the invariant products, sums over heads, need no head size here (as many key as query rows):
+    # they see through the permutation all the same
+    assert v["verdict"] == "identical" and "Q/K heads transformed or permuted" in v["undone"]
 
 
 def test_index_with_hostile_values(tmp_path, small):

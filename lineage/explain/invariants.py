@@ -11,7 +11,7 @@ They are judged against the permutation null, at INVARIANT_Z_SIG (its
 spread between unrelated models is twice a plain matrix's); a kind whose
 products are significant on at least half of the layers while its
 direct matrices are not explains those matrices: the disguise (a per-head
-Q/K transform, a V/O transform, MLP unit rescaling) is named in `undone`,
+Q/K transform, a V/O transform, MLP units rescaled or permuted) is named in `undone`,
 and the `invariants` section reports per kind the layers, the median
 correlation and z, and the largest relative distance. A suspect whose
 other tensors are all within rounding of the parent, and whose invariant
