@@ -149,6 +149,11 @@ def certificate(verdict: dict, cmp: dict, rerun: str) -> dict:
     exact = cmp["within_storage_rounding"] == cmp["tensors"]
     if exact:
         note = "the recipe reproduces every tensor within the storage dtype's rounding"
+    elif verdict.get("undone"):
+        note = (
+            f"the suspect is disguised ({', '.join(verdict['undone'])}): the rerun is the merge without the disguise, "
+            "so it is not compared in the suspect's own weights"
+        )
     elif not replayable and family and family != "ties":
         note = "DARE draws random masks: the rerun is another draw, equal in distribution only"
         d = cmp.get("distribution")

@@ -137,6 +137,11 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         if method == "unknown":
             notes.append("the merge was changed afterwards (trained further): this reproduces the merge up to that training")
     cfg["dtype"] = dtype_of(dtypes)
+    if v.get("undone"):
+        notes.append(
+            f"the suspect is disguised ({', '.join(v['undone'])}): this is the merge as made in its parents' own "
+            "weights; the disguise, a function-preserving transform of the result or of a parent, is not part of it"
+        )
     for p in parents:
         notes.append(f"{p['name']}: weight {p['weight']:.4f}, 95% interval {p['ci95']}")
     if v.get("residual"):

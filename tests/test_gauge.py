@@ -100,6 +100,8 @@ def test_rotated_fine_tune_with_new_gains_is_derived_and_a_rotated_blend_keeps_i
     assert v["verdict"] == "blend"
     w = {p["name"]: p["weight"] for p in v["parents"]}
     assert math.isclose(w["base"], 0.7, abs_tol=0.01) and math.isclose(w["tuned"], 0.3, abs_tol=0.01)
+    recipe = (tmp_path / "blend" / "out" / v["recipe"]).read_text()
+    assert "# the suspect is disguised (residual rotation)" in recipe
 
 
 def test_a_rotated_unrelated_model_stays_unrelated_even_when_refitted(tmp_path, models, monkeypatch):
