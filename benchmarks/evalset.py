@@ -345,11 +345,20 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
             "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
             {},
         ),
+        "breadcrumbs": (
+            "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5, gamma: 0.01}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5, gamma: 0.01}}\ndtype: bfloat16\n",
+            {},
+        ),
+        "della": (
+            "merge_method: della\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\nparameters: {{lambda: 1.0}}\ndtype: bfloat16\n",
+            {},
+        ),
     }
     for method, (tmpl, weights) in mk.items() if with_mergekit else []:
         folder = mergekit(root / f"mk-{method}", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
         if folder is not None:
-            family = "ties" if method == "ties" else ("dare" if method.startswith("dare") else None)
+            family = {"ties": "ties", "breadcrumbs": "breadcrumbs", "della": "della"}.get(method)
+            family = family or ("dare" if method.startswith("dare") else None)
             add(
                 f"mergekit {method}",
                 folder,

@@ -111,7 +111,7 @@ def certify(out: Path) -> None:
             continue
         rerun = out / "certify" / name
         base = None
-        if v.get("merge_family") == "dare" and v.get("base"):
+        if v.get("merge_family") in ("dare", "della") and v.get("base"):
             b = ((v.get("sources") or {}).get(v["base"]) or {}).get("source", "")
             base = Path(b) if b and not b.startswith("hf://") else None
         cmp = rerun_and_compare(exe, out / v["recipe"], rerun, Path(src), base)

@@ -145,7 +145,7 @@ def certificate(verdict: dict, cmp: dict, rerun: str) -> dict:
     method = verdict.get("method")
     family = verdict.get("merge_family")
     trained = bool((verdict.get("residual") or {}).get("trained_after"))
-    replayable = (method in DETERMINISTIC or (method == "unknown" and family == "ties")) and not trained
+    replayable = (method in DETERMINISTIC or (method == "unknown" and family in ("ties", "breadcrumbs"))) and not trained
     exact = cmp["within_storage_rounding"] == cmp["tensors"]
     if exact:
         note = "the recipe reproduces every tensor within the storage dtype's rounding"
@@ -154,13 +154,13 @@ def certificate(verdict: dict, cmp: dict, rerun: str) -> dict:
             f"the suspect is disguised ({', '.join(verdict['undone'])}): the rerun is the merge without the disguise, "
             "so it is not compared in the suspect's own weights"
         )
-    elif not replayable and family and family != "ties":
-        note = "DARE draws random masks: the rerun is another draw, equal in distribution only"
+    elif not replayable and family in ("dare", "della"):
+        note = f"{family.upper()} draws random masks: the rerun is another draw, equal in distribution only"
         d = cmp.get("distribution")
         if d:
             same = d["consistent"] == d["tensors"]
             note += (
-                f"; in distribution it {'matches' if same else 'does not match'} on {d['consistent']}/{d['tensors']} "
+                f"; in distribution it matches{'' if same else ' only'} on {d['consistent']}/{d['tensors']} "
                 f"tensors (fraction moved from the base {d['median_kept_frac']:.3f}, differing by at most "
                 f"{d['max_kept_frac_diff']:.4f}; RMS of the move {d['median_rms_ratio']:.3f}x the rerun's)"
             )

@@ -19,6 +19,14 @@ from typing import Any
 
 import yaml
 
+#: Sparse merge families (explain/sparse.py) -> the mergekit method that makes them.
+SPARSE_METHODS = {
+    "ties": "ties",
+    "dare": "dare_ties",
+    "breadcrumbs": "breadcrumbs",
+    "breadcrumbs/della": "breadcrumbs",
+    "della": "della",
+}
 #: Schedule components -> the mergekit filter that addresses them.
 FILTERS = {"attention": "self_attn", "mlp": "mlp", "expert": "experts", "router": "gate"}
 DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
@@ -114,21 +122,39 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         base = v["base"]
         near = (v.get("evidence", {}).get("blend", {}).get("median_near_frac") or {}).get(base)
         density = round(1 - near**0.5, 2) if near is not None and len(parents) == 2 else None
+        rw = (v.get("evidence", {}).get("sparse") or {}).get("recipe_weights") or {}
         cfg = {
-            "merge_method": "ties" if fam == "ties" else "dare_ties",
+            "merge_method": SPARSE_METHODS.get(fam, "dare_ties"),
             "base_model": src[base],
             "models": [
-                {"model": src[p["name"]], "parameters": {"weight": weight(v, p), **({"density": density} if density else {})}}
+                {
+                    "model": src[p["name"]],
+                    "parameters": {"weight": rw.get(p["name"], weight(v, p)), **({"density": density} if density else {})},
+                }
                 for p in parents
             ],
         }
-        notes.append(f"sparse merge, {fam} family (dropped-delta energy); weights are the linear projection, not the recipe's")
+        if fam == "della":
+            cfg["parameters"] = {"epsilon": 0.1}
+        if rw:
+            notes.append(
+                f"sparse merge, {fam} family (dropped-delta energy; kept deltas not renormalised): weights are the linear "
+                "projection divided by the share of each delta's energy kept"
+            )
+        else:
+            notes.append(
+                f"sparse merge, {fam} family (dropped-delta energy); weights are the linear projection, not the recipe's"
+            )
+        if fam in ("breadcrumbs", "breadcrumbs/della"):
+            notes.append("gamma (the largest deltas breadcrumbs also drops) is not measured: mergekit's default")
+        if fam == "della":
+            notes.append("epsilon (the spread of DELLA's keep probabilities) is not measured: 0.1 assumed")
         if density:
             notes.append(
                 f"density {density}: estimated from the {near:.2f} of elements left at {base}'s value (both deltas dropped: (1 - d)^2)"
             )
-        if fam != "ties":
-            notes.append("DARE draws random masks: rerunning gives another draw, equal in distribution only")
+        if fam in ("dare", "della"):
+            notes.append(f"{fam.upper()} draws random masks: rerunning gives another draw, equal in distribution only")
     else:
         cfg = {
             "merge_method": "linear",

@@ -106,7 +106,7 @@ def test_a_dare_merge_is_certified_in_distribution(tmp_path):
     d = cert["distribution"]
     assert d["tensors"] == len(base) and d["consistent"] == d["tensors"], d
     assert abs(d["median_kept_frac"] - 0.75) < 0.05  # kept unless both deltas were dropped: 1 - (1 - 0.5)^2
-    assert "in distribution it matches" in cert["note"]
+    assert "in distribution it matches on" in cert["note"]
     # the density the recipe ends with (estimated, then calibrated by a rerun if that one did not match)
     final = (cert.get("density_calibrated") or {}).get("to") or yaml.safe_load((out / v["recipe"]).read_text())["models"][0][
         "parameters"

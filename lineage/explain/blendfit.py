@@ -83,6 +83,15 @@ def _blend_fit(ev: Evidence) -> BlendFit:
     others = [n for n in use if n not in material]
     fitted_base = base or (bases.most_common(1)[0][0] if bases else None)
     sparse = bool(material) and bool(others) and all((near.get(n) or 0.0) >= SPARSE_NEAR for n in material + others[:1])
+    # A sparse merge that does not renormalise what it keeps (breadcrumbs; della's per-element
+    # rescale) coincides with its base where every delta was dropped, but with no parent: the
+    # base then carries a share of the affine fit. A dense blend coincides with no candidate.
+    unnormalised = None
+    if not sparse and material:
+        top = max(use, key=lambda n: near.get(n) or 0.0)
+        kept = [n for n in material if n != top]
+        if (near.get(top) or 0.0) >= SPARSE_NEAR and len(kept) >= 2 and all((near.get(n) or 0.0) < SPARSE_NEAR for n in kept):
+            sparse, unnormalised = True, top
     # A merge of two or more models that derive from a base in the pool, trained (or sparsified)
     # afterwards: each carries a large share, and together they carry the whole delta from the
     # base, which keeps no weight (a merge takes its parents' deltas whole; a sibling's delta only
@@ -106,6 +115,7 @@ def _blend_fit(ev: Evidence) -> BlendFit:
         "weights": weights,
         "within_sd": {n: schedules[n]["within_sd"] for n in schedules},
         "sparse": sparse,
+        "sparse_unnormalised_base": unnormalised,
         "trained_after": trained,
         "median_near_frac": near,
         "criteria": {
@@ -148,7 +158,8 @@ def blend_parents(ev: Evidence) -> list[dict]:
     """The blend's material parents, heaviest first, with weights and intervals."""
     fit = blend_fit(ev)
     parents = []
-    for n in sorted(fit.material, key=lambda n: -fit.weights[n]["mean"]):
+    skip = fit.evidence.get("sparse_unnormalised_base")  # the base of such a sparse merge is no parent
+    for n in sorted((m for m in fit.material if m != skip), key=lambda n: -fit.weights[n]["mean"]):
         w = fit.weights[n]
         p = {
             "name": n,

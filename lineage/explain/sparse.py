@@ -22,6 +22,9 @@ from lineage.explain.evidence import Evidence
 from lineage.explain.thresholds import SPARSE_FAMILY
 
 HOW = {
+    "breadcrumbs": "the deltas it dropped are the small ones, and what it kept was not renormalised (breadcrumbs)",
+    "della": "the deltas it dropped are of typical size, and what it kept was rescaled element by element (DELLA)",
+    "breadcrumbs/della": "whether the dropped deltas were the small ones (breadcrumbs) or drawn by magnitude (DELLA) is not clear",
     "ties": "the deltas it dropped are the small ones (TIES trims by magnitude)",
     "dare": "the deltas it dropped are of typical size (DARE drops at random and rescales the rest)",
     "ties/dare": "whether the dropped deltas were the small ones (TIES) or random ones (DARE) is not clear",
@@ -54,6 +57,25 @@ def family(ev: Evidence, base: str, parents: list[str]) -> tuple[str, dict[str, 
     return "ties/dare", ratios
 
 
+def recipe_weights(ev: Evidence, base: str, parents: list[dict], ratios: dict[str, float], fam: str) -> dict[str, float]:
+    """A sparse merge's weights as its recipe sets them, from the linear projection c_i.
+
+    Without renormalisation a kept delta enters as w d, a dropped one not at all, so the
+    projection is w times the share of the delta's energy kept: c = w (1 - r (1 - p)), r the
+    dropped-energy ratio and p the density, from the base's coincidence (1 - p)^k for k parents.
+    DELLA's weights are not recovered (its elected signs renormalise what it keeps): none."""
+    near = ev.per[base].median_near_frac or 0.0
+    k = max(len(parents), 1)
+    density = 1 - near ** (1 / k)
+    out = {}
+    for p in parents:
+        if fam != "breadcrumbs":  # DELLA's elected signs renormalise: its projection is not readable as weights
+            return {}
+        kept = 1 - ratios.get(p["name"], 0.0) * (1 - density)
+        out[p["name"]] = round(p["weight"] / max(kept, 1e-6), 4)
+    return out
+
+
 class Sparse(Explanation):
     name = "sparse"
 
@@ -63,11 +85,16 @@ class Sparse(Explanation):
         fit, parents = blend_fit(ev), blend_parents(ev)
         e = fit.evidence
         rest = [n for n in ev.related if n not in fit.material]
-        b = ev.declared if ev.declared in rest else (rest[0] if len(rest) == 1 else fit.base)
+        unnormalised = e.get("sparse_unnormalised_base")
+        b = unnormalised or (ev.declared if ev.declared in rest else (rest[0] if len(rest) == 1 else fit.base))
         assert b is not None
         desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
         fam, ratios = family(ev, b, [p["name"] for p in parents])
         ev.analyses["sparse"] = {"dropped_energy_ratio": ratios, "family": fam, "criteria": SPARSE_FAMILY}
+        if unnormalised:
+            fam = {"ties": "breadcrumbs", "dare": "della"}.get(fam, "breadcrumbs/della")
+            ev.analyses["sparse"]["family"] = fam
+            ev.analyses["sparse"]["recipe_weights"] = recipe_weights(ev, b, parents, ratios, fam)
         energy = (
             " (where it kept the base's value, the parents' deltas carry "
             + ", ".join(f"{n} {r:.2f}" for n, r in ratios.items())
