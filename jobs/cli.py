@@ -27,8 +27,10 @@ USAGE = """usage: lineage COMMAND ...
   lineage audit [hydra overrides]   audit a model set (lineage audit --help for the settings)
   lineage show OUTPUT_DIR           print an audit's verdicts and explanations again (no Ray)
   lineage report OUTPUT_DIR         write OUTPUT_DIR/report.html again and print its path
-  lineage certify OUTPUT_DIR        rerun each blend's recovered recipe (verdicts/*.recipe.yaml) with
-                                    mergekit (pip install 'lineage[merge]') and compare with the suspect
+  lineage certify OUTPUT_DIR [--layers-per-task N]
+                                    rerun each blend's recovered recipe (verdicts/*.recipe.yaml) with
+                                    mergekit (pip install 'lineage[merge]') and compare with the suspect;
+                                    with N, as Ray tasks over ranges of N layers
 
 exit codes: 0 done; 1 configuration error; 2 bad input, nothing audited; 3 some suspects
 could not be opened (the others were audited); 130 / 143 stopped (a rerun resumes)
@@ -66,7 +68,17 @@ def main(argv: list[str] | None = None) -> None:
 
             print(render(_output_dir(rest)))
         elif cmd == "certify":
-            certify(_output_dir(rest))
+            per = None
+            if "--layers-per-task" in rest:
+                i = rest.index("--layers-per-task")
+                try:
+                    per = int(rest[i + 1])
+                except (IndexError, ValueError):
+                    raise LineageError("--layers-per-task needs a positive number of layers") from None
+                if per < 1:
+                    raise LineageError("--layers-per-task needs a positive number of layers")
+                rest = rest[:i] + rest[i + 2 :]
+            certify(_output_dir(rest), per)
         else:
             raise LineageError(f"unknown command {cmd!r} (known: audit, show, report, certify)")
     except LineageError as e:
@@ -86,7 +98,7 @@ def mergekit_yaml() -> str:
     return found
 
 
-def certify(out: Path) -> None:
+def certify(out: Path, per: int | None = None) -> None:
     """Rerun every recipe in `out`/verdicts with mergekit into `out`/certify/SUSPECT, compare with the
     suspect, and write the certificate into the verdict (JSON) and `verdicts/SUSPECT.certificate.json`."""
     from lineage.certify import certificate, implied_density
@@ -114,7 +126,7 @@ def certify(out: Path) -> None:
         if v.get("merge_family") in ("dare", "della") and v.get("base"):
             b = ((v.get("sources") or {}).get(v["base"]) or {}).get("source", "")
             base = Path(b) if b and not b.startswith("hf://") else None
-        cmp = rerun_and_compare(exe, out / v["recipe"], rerun, Path(src), base)
+        cmp = rerun_and_compare(exe, out / v["recipe"], rerun, Path(src), base, per)
         if cmp is None:
             continue
         calibrated = None
@@ -125,7 +137,7 @@ def certify(out: Path) -> None:
             new = implied_density(cmp, used, len(v.get("parents") or []))
             if new is not None and 0 < new <= 1 and abs(new - used) >= 0.01:
                 set_density(out / v["recipe"], used, round(new, 2))
-                again = rerun_and_compare(exe, out / v["recipe"], rerun, Path(src), base)
+                again = rerun_and_compare(exe, out / v["recipe"], rerun, Path(src), base, per)
                 if again is not None:
                     calibrated = {"from": used, "to": round(new, 2), "first_rerun": _summary(d)}
                     cmp = again
@@ -143,9 +155,17 @@ def certify(out: Path) -> None:
         )
 
 
-def rerun_and_compare(exe: str, recipe: Path, rerun: Path, suspect: Path, base: Path | None) -> dict | None:
-    """Run `recipe` with mergekit into `rerun` (its output in rerun.log) and compare with the suspect."""
+def rerun_and_compare(
+    exe: str, recipe: Path, rerun: Path, suspect: Path, base: Path | None, per: int | None = None
+) -> dict | None:
+    """Run `recipe` with mergekit into `rerun` (its output in rerun.log) and compare with the suspect;
+    with `per`, as Ray tasks over ranges of at most `per` layers (jobs/certify_ray.py)."""
     from lineage.certify import compare
+
+    if per is not None:
+        from jobs.certify_ray import rerun_by_ranges
+
+        return rerun_by_ranges(exe, recipe, suspect, base, per)
 
     shutil.rmtree(rerun, ignore_errors=True)
     rerun.parent.mkdir(parents=True, exist_ok=True)

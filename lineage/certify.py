@@ -18,12 +18,17 @@ compared one at a time (memory bounded by the largest tensor).
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from pathlib import Path
 
 from lineage.dtypes import DTYPES
 from lineage.errors import LineageError
 from lineage.files import inside
+from lineage.layout import layer_index
+
+#: A layer index in a tensor name, and what precedes it.
+LAYER = re.compile(r"((?:^|\.)(?:layers|layer|h|blocks)\.)(\d+)\.")
 
 #: Methods whose rerun is deterministic (mergekit's DARE draws its masks at random).
 DETERMINISTIC = ("linear", "task_arithmetic", "slerp", "passthrough", "ties", "model_stock")
@@ -45,16 +50,46 @@ def _tensors(folder: Path) -> dict[str, Path]:
 
 def compare(rerun: Path, suspect: Path, base: Path | None = None) -> dict:
     """Per tensor |rerun - suspect| / |suspect|, and the certificate that summarises them; with
-    `base` (a DARE merge's base model), also the distributional test (`distribution`)."""
+    `base` (a DARE or DELLA merge's base model), also the distributional test (`distribution`)."""
+    made = {n: (f, n) for n, f in _tensors(rerun).items()}
+    want = _tensors(suspect)
+    if not want:
+        raise LineageError(f"{suspect}: no .safetensors files to compare the rerun with")
+    return summarise(*compare_tensors(made, want, _tensors(base) if base is not None else {}))
+
+
+def compare_range(rerun: Path, suspect: Path, base: Path | None, a: int, b: int, first: bool) -> tuple[list, list]:
+    """The rows of a rerun of suspect layers [a, b) only (its layers numbered from 0), and, when
+    `first`, of the tensors outside the layer stack (embeddings, final norm, head)."""
+    made = {}
+    for n, f in _tensors(rerun).items():
+        i = layer_index(n)
+        made[n if i is None else renumber(n, i + a)] = (f, n)
+    want = {}
+    for n, f in _tensors(suspect).items():
+        i = layer_index(n)
+        if (i is None and first) or (i is not None and a <= i < b):
+            want[n] = f
+    return compare_tensors(made, want, _tensors(base) if base is not None else {})
+
+
+def renumber(name: str, layer: int) -> str:
+    """`name` with its layer index replaced by `layer`."""
+    return LAYER.sub(lambda m: f"{m.group(1)}{layer}.", name, count=1)
+
+
+def suspect_layers(suspect: Path) -> int:
+    """Layers in the suspect's stack (the largest layer index in its tensor names, plus one)."""
+    return 1 + max((i for n in _tensors(suspect) if (i := layer_index(n)) is not None), default=-1)
+
+
+def compare_tensors(made: dict[str, tuple[Path, str]], want: dict[str, Path], based: dict[str, Path]) -> tuple[list, list]:
+    """Rows of the suspect's tensors `want` against the rerun's (`made`: suspect name -> file and
+    name there), and the distributional rows against the base's tensors `based` when given."""
     import torch
     from safetensors import safe_open
 
-    made, want = _tensors(rerun), _tensors(suspect)
-    based = _tensors(base) if base is not None else {}
-    dist = []
-    if not want:
-        raise LineageError(f"{suspect}: no .safetensors files to compare the rerun with")
-    rows = []
+    rows, dist = [], []
     for name, f in sorted(want.items()):
         with safe_open(str(f), framework="pt") as h:
             s = h.get_tensor(name)
@@ -64,8 +99,9 @@ def compare(rerun: Path, suspect: Path, base: Path | None = None) -> dict:
                 {"tensor": name, "rel_dist": None, "within": False, "reason": "missing" if name not in made else "not a float"}
             )
             continue
-        with safe_open(str(made[name]), framework="pt") as h:
-            r = h.get_tensor(name)
+        mf, mn = made[name]
+        with safe_open(str(mf), framework="pt") as h:
+            r = h.get_tensor(mn)
         if r.shape != s.shape:
             rows.append(
                 {"tensor": name, "rel_dist": None, "within": False, "reason": f"shape {list(r.shape)} != {list(s.shape)}"}
@@ -76,9 +112,14 @@ def compare(rerun: Path, suspect: Path, base: Path | None = None) -> dict:
         rows.append({"tensor": name, "rel_dist": rel, "within": rel <= DTYPES[dtype].unit_roundoff, "reason": ""})
         if name in based:
             with safe_open(str(based[name]), framework="pt") as h:
-                b = h.get_tensor(name)
-            if b.shape == s.shape:
-                dist.append(kept(s64, r64, b.double(), DTYPES[dtype].unit_roundoff, name))
+                bt = h.get_tensor(name)
+            if bt.shape == s.shape:
+                dist.append(kept(s64, r64, bt.double(), DTYPES[dtype].unit_roundoff, name))
+    return rows, dist
+
+
+def summarise(rows: list[dict], dist: list[dict]) -> dict:
+    """The comparison's summary: tensors, how many within rounding, distances, the worst."""
     rels = [r["rel_dist"] for r in rows if r["rel_dist"] is not None]
     extra = {"distribution": distribution(dist)} if dist else {}
     return {
@@ -89,6 +130,53 @@ def compare(rerun: Path, suspect: Path, base: Path | None = None) -> dict:
         "median_rel_dist": statistics.median(rels) if rels else math.inf,
         "worst": sorted((r for r in rows if not r["within"]), key=lambda r: -(r["rel_dist"] or math.inf))[:5],
     }
+
+
+def split_recipe(cfg: dict, layers: int, per: int) -> list[tuple[int, int, dict]]:
+    """The recipe as sub-recipes over suspect layers [a, b) of at most `per` layers each, to run
+    apart (by Ray tasks, jobs/cli.py): the models as one mergekit slice over [a, b), every
+    per-layer parameter (a gradient, alone or per filter) given as its value at each of those
+    layers, computed as mergekit computes it over the whole stack. A recipe that is already
+    slices (passthrough) runs whole."""
+    if "models" not in cfg or per >= layers or layers < 1:
+        return [(0, max(layers, 1), cfg)]
+    names = [m["model"] for m in cfg["models"]]
+    out = []
+    for a in range(0, layers, per):
+        b = min(layers, a + per)
+        sub = {k: v for k, v in cfg.items() if k not in ("models", "parameters")}
+        if cfg.get("parameters"):
+            sub["parameters"] = {k: _sub(v, a, b, layers) for k, v in cfg["parameters"].items()}
+        sources = []
+        for m in cfg["models"]:
+            src: dict = {"model": m["model"], "layer_range": [a, b]}
+            if m.get("parameters"):
+                src["parameters"] = {k: _sub(v, a, b, layers) for k, v in m["parameters"].items()}
+            sources.append(src)
+        if cfg.get("base_model") and cfg["base_model"] not in names:
+            sources.append({"model": cfg["base_model"], "layer_range": [a, b]})
+        sub["slices"] = [{"sources": sources}]
+        out.append((a, b, sub))
+    return out
+
+
+def _sub(v, a: int, b: int, n: int):
+    """A parameter over layers [a, b) of n: a scalar as it is; a gradient as its value at each of
+    those layers (a list of b - a values reproduces them exactly); per-filter lists entry by entry."""
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+        return [{**x, "value": _sub(x.get("value"), a, b, n)} for x in v]
+    if isinstance(v, list) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return [_at(v, i / (n - 1) if n > 1 else 1.0) for i in range(a, b)]
+    return v
+
+
+def _at(values: list, t: float) -> float:
+    """A gradient's value at t in [0, 1], as mergekit interpolates it (config.evaluate_setting)."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
 
 
 #: A rerun of DARE is consistent in distribution with the suspect when, per tensor, the fraction

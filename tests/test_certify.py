@@ -60,6 +60,13 @@ def test_a_scheduled_linear_merge_is_reproduced_by_its_recipe(tmp_path):
     assert cert == json.loads((out / "verdicts" / "suspect.certificate.json").read_text())
     assert cert["exact"] and cert["within_storage_rounding"] == cert["tensors"] == len(base)
     assert cert["max_rel_dist"] < 2**-8 and (out / cert["rerun"]).is_dir()
+    # the same rerun as Ray tasks, one layer each (the gradient's value given per layer): the same certificate
+    r = subprocess.run([LINEAGE, "certify", str(out), "--layers-per-task", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr + r.stdout
+    ranged = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
+    assert ranged["ranges"] == [[i, i + 1] for i in range(LLAMA["layers"])]
+    assert ranged["exact"] and ranged["within_storage_rounding"] == ranged["tensors"] == len(base)
+    assert abs(ranged["max_rel_dist"] - cert["max_rel_dist"]) < 1e-12
 
 
 def test_a_recipe_that_does_not_reproduce_says_so(tmp_path):
