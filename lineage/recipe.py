@@ -145,6 +145,11 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
             notes.append(
                 f"sparse merge, {fam} family (dropped-delta energy); weights are the linear projection, not the recipe's"
             )
+        if (v.get("evidence", {}).get("sparse") or {}).get("rescaled_to_parent"):
+            notes.append(
+                f"rescaled: kept deltas land on the parents' own values ({', '.join(f'{n} {e:.0%}' for n, e in near_parents(v, parents).items())} "
+                "of elements), as mergekit's rescale and renormalisation leave them"
+            )
         if fam in ("breadcrumbs", "breadcrumbs/della"):
             notes.append("gamma (the largest deltas breadcrumbs also drops) is not measured: mergekit's default")
         if fam == "della":
@@ -173,6 +178,12 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
     if v.get("residual"):
         notes.append(f"the blend leaves {v['residual']['of_best_single_parent']:.2f} of the best single parent's residual")
     return cfg, notes
+
+
+def near_parents(v: dict, parents: list[dict]) -> dict[str, float]:
+    """Each parent's share of elements where the suspect holds the parent's value (within rounding)."""
+    near = v.get("evidence", {}).get("blend", {}).get("median_near_frac") or {}
+    return {p["name"]: near[p["name"]] for p in parents if near.get(p["name"]) is not None}
 
 
 def _clean(x: Any) -> Any:

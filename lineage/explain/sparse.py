@@ -91,6 +91,10 @@ class Sparse(Explanation):
         desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
         fam, ratios = family(ev, b, [p["name"] for p in parents])
         ev.analyses["sparse"] = {"dropped_energy_ratio": ratios, "family": fam, "criteria": SPARSE_FAMILY}
+        # kept deltas that land exactly on a parent's value were rescaled back to full size (DARE's
+        # 1 / density, TIES's and DARE's renormalisation by the weights kept); breadcrumbs keeps them as
+        # weighted, DELLA rescales element by element: neither lands on a parent
+        ev.analyses["sparse"]["rescaled_to_parent"] = not unnormalised
         if unnormalised:
             fam = {"ties": "breadcrumbs", "dare": "della"}.get(fam, "breadcrumbs/della")
             ev.analyses["sparse"]["family"] = fam
