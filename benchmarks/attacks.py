@@ -352,6 +352,25 @@ def cases(root, add, save, cfg: dict, models: dict, paths: dict, fam: dict, ft: 
     every = ["residual rotation", *mlp, *qk, *ov]
     case("all of them", everything(base, 39, h, kv), base, one, "identical", undone=every)
     case("all of them, on a fine-tune", everything(ft1, 40, h, kv), ft1, one, "derived", parent="base", undone=every)
+    from benchmarks.evalset import permute_mlp  # the unit permutation the evaluation set already uses
+
+    units = ["mlp units permutation"]
+    case(
+        "hidden dim and MLP units permuted",
+        permute_mlp(permute_hidden(base, 53), 54),
+        base,
+        one,
+        "identical",
+        undone=["residual permutation", *units],
+    )
+    case(
+        "rotated, MLP units permuted",
+        permute_mlp(rotate_residual(base, 55, True), 56),
+        base,
+        one,
+        "identical",
+        undone=["residual rotation", *units],
+    )
     lin = {k: 0.6 * ft1[k] + 0.4 * ft2[k] for k in base}
     case(
         "0.6/0.4 blend rotated after merging",

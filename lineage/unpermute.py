@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lineage.decode import decoded
+from lineage.gauge import Gain, Gauge, role
 from lineage.geometry import View
 from lineage.options import FitOptions
 from lineage.reader import Reader
@@ -52,6 +53,10 @@ class PermutationItem:
     unit: int  # rows per unit: 1 for MLP units, head_dim for heads
     mats: tuple[tuple[str, View, View, str], ...]
     nbytes: int
+    #: In a residual gauge (explain/gauge.py): the parent's transform into the suspect's, and per
+    #: matrix the norm gains (suspect's, parent's) folded into both first
+    gauge: Gauge | None = None
+    gains: tuple[tuple[str, Gain, Gain], ...] = ()
 
     def run(self, reader: Reader, opts: FitOptions) -> Permutation | None:
         return search(self, reader, opts)
@@ -92,8 +97,16 @@ def search(item: PermutationItem, reader: Reader, opts: FitOptions) -> Permutati
     import torch
 
     mats, vecs = {}, {}
+    gains = {n: (gs, gp) for n, gs, gp in item.gains}
     for name, sv, pv, kind in item.mats:
         s, p = decoded(reader, sv, 0, sv.rows), decoded(reader, pv, 0, pv.rows)
+        if name in gains:
+            s, p = (
+                x.double() * (decoded(reader, g.view, 0, g.view.rows).reshape(1, -1).double() + g.offset)
+                for x, g in zip((s, p), gains[name])
+            )
+        if item.gauge is not None and kind != "vec":
+            p = item.gauge.apply(p, role(name) or "reads")
         if kind == "vec":
             vecs[name] = (s.reshape(-1, 1), p.reshape(-1, 1))
             continue

@@ -231,3 +231,16 @@ def test_tokenizer_vocabularies_of_every_kind():
     assert vocab_of({"model": {}}, "t")[0] is None
     s, c = shared_rows({"a": 0, "b": 1, "c": 2}, {"c": 0, "a": 1, "z": 2}, 3, 3)
     assert s.tolist() == [0, 2] and c.tolist() == [1, 0]
+
+
+def test_units_permuted_after_the_residual_are_undone_in_its_gauge(tmp_path, models):
+    """Permutations are searched again in the adopted gauge (the parent rotated into the
+    suspect's, gains folded): a rotated copy with its MLP units permuted is identical."""
+    from benchmarks.evalset import permute_mlp
+
+    base, _ = models
+    w = permute_mlp(attacks.rotate_residual(base, 31, new_gains=True), 32)
+    assert attacks.check(base, w, CFG) < 1e-5
+    v = audit(tmp_path, "rot-units", w, {"base": base})
+    assert v["verdict"] == "identical" and v["undone"] == ["residual rotation", "mlp units permutation"]
+    assert all(p["corr_after"] > 0.999 for p in v["permutation"])

@@ -8,7 +8,7 @@ sparse, then a merge trained afterwards, then task arithmetic, then Model
 Stock, then slerp, then linear; derived is what a
 related suspect is when no blend explains it). Refiners then amend that
 answer: a layer map, then undone permutations, then a residual stream
-permuted or rotated (explain/gauge.py), then per-head and per-unit
+permuted or rotated (explain/gauge.py) and, in that gauge, permutations again, then per-head and per-unit
 disguises seen through their invariant products (explain/invariants.py).
 
 Adding a way of explaining a suspect: one file with an `Explanation`
@@ -34,7 +34,7 @@ from lineage.explain.layermap import LayerMap
 from lineage.explain.linear import Linear
 from lineage.explain.model_stock import ModelStock
 from lineage.explain.passthrough import Passthrough
-from lineage.explain.permutation import Permutations
+from lineage.explain.permutation import Permutations, PermutationsInGauge
 from lineage.explain.slerp import Slerp
 from lineage.explain.sparse import Sparse
 from lineage.explain.task_arithmetic import TaskArithmetic
@@ -59,6 +59,7 @@ REGISTRY: tuple[Explainer, ...] = (
     Permutations(),
     GaugeEstimate(),
     GaugeRefit(),
+    PermutationsInGauge(),
     Invariants(),
 )
 

@@ -87,9 +87,17 @@ class Permutations:
         name = self.parent(verdict)
         if name is None or not ev.models:
             return []
+        return self.plan(ev, ev, name)
+
+    def plan(self, ev: Evidence, used: Evidence, name: str, gauge=None, fold: bool = False) -> list:
+        """Permutation searches for the matrices of `used` (the evidence compared) that do not
+        match `name`; with a residual `gauge` (and `fold`), the parent is first brought into it."""
+        from lineage.explain.gauge import gain_view
+        from lineage.gauge import folded_norm
+
         suspect, parent = ev.models[ev.suspect], ev.models[name]
         groups: dict[tuple[str, str], dict[str, str]] = {}
-        for t in unmatched(ev, name):
+        for t in unmatched(used, name):
             k = classify(t)
             if k is not None:
                 groups.setdefault((k[0], k[1]), {})[t] = k[2]
@@ -116,13 +124,24 @@ class Permutations:
                     mats.append((sb.name, View((s_ix.seg(sb),)), View((p_ix.seg(pb),)), "vec"))
             if mats and unit is not None:
                 nbytes = sum(sv.nbytes + pv.nbytes for _, sv, pv, _ in mats)
-                items.append(PermutationItem(len(items), what, unit, tuple(mats), nbytes))
+                gains = []
+                for t, _, _, kind in mats:
+                    norm = folded_norm(t) if fold and kind == "rows" else None
+                    gs, gp = (gain_view(s_ix, norm), gain_view(p_ix, norm)) if norm else (None, None)
+                    if gs is not None and gp is not None:
+                        gains.append((t, gs, gp))
+                items.append(PermutationItem(len(items), what, unit, tuple(mats), nbytes, gauge, tuple(gains)))
         return items
 
     def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
         name = self.parent(verdict)
         if name is None or verdict is None:
             return None
+        return self.amend(ev, ev, verdict, name, results)
+
+    def amend(self, ev: Evidence, used: Evidence, verdict: dict, name: str, results: list) -> dict:
+        """`verdict` with the permutations found named (and `identical` when, undone, every tensor
+        of `used` is within rounding of the parent)."""
         if ev.warnings:
             verdict.setdefault("warnings", []).extend(ev.warnings)
         found = [p for p in results if p is not None]
@@ -145,12 +164,14 @@ class Permutations:
             f"undone, they correlate with {name} at {min(p.corr_after for p in found):.4f} or more (before: "
             f"{max(p.corr_before for p in found):.4f} at most)"
         )
-        verdict["undone"] = [f"{w} permutation" for w in sorted({p.what for p in found})]
-        worst = identical_after(ev, name, found)
+        prior = list(verdict.get("undone") or [])
+        verdict["undone"] = prior + [f"{w} permutation" for w in sorted({p.what for p in found})]
+        worst = identical_after(used, name, found)
         if worst is not None:
             verdict["verdict"] = "identical"
+            lead = f" (with the {', '.join(prior)} undone)" if prior else ""
             verdict["explanation"] = (
-                f"{ev.suspect} is a copy of {name} in disguise: {undone}; {corr}, and every tensor is then within "
+                f"{ev.suspect} is a copy of {name} in disguise{lead}: {undone}; {corr}, and every tensor is then within "
                 f"storage rounding of {name}'s (largest relative distance {worst:.2g})."
             )
             return verdict
@@ -176,3 +197,33 @@ def identical_after(ev: Evidence, parent: str, found: list) -> float | None:
             return None
         worst = max(worst, rel)
     return worst
+
+
+class PermutationsInGauge(Permutations):
+    """The same search once a residual gauge was adopted (explain/gauge.py): on the matrices
+    refitted in it, the parent brought into the suspect's gauge first (and gains folded), as
+    undoing a permuted hidden dimension or a rotation leaves permuted units and heads as they were."""
+
+    name = "permutation in gauge"
+
+    def parent(self, verdict: dict | None) -> str | None:
+        name = super().parent(verdict)
+        return name if name is not None and verdict is not None and verdict.get("gauge") else None
+
+    def requests(self, ev: Evidence, verdict: dict | None) -> list:
+        from lineage.explain.gauge import EVIDENCE, adopted, prenorm
+
+        name = self.parent(verdict)
+        gz = adopted(ev).get(name) if name is not None else None
+        if name is None or gz is None or not ev.models:
+            return []
+        fold = prenorm(ev.models[ev.suspect]) and prenorm(ev.models[name])
+        return self.plan(ev, ev.memo(EVIDENCE, lambda: ev), name, gz, fold)
+
+    def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
+        from lineage.explain.gauge import EVIDENCE
+
+        name = self.parent(verdict)
+        if name is None or verdict is None or not results:
+            return verdict
+        return self.amend(ev, ev.memo(EVIDENCE, lambda: ev), verdict, name, results)
