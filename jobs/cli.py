@@ -117,15 +117,13 @@ def certify(out: Path, per: int | None = None) -> None:
     exe = mergekit_yaml()
     for f, v in todo:
         name = v["suspect"]
-        src = ((v.get("sources") or {}).get(name) or {}).get("source", "")
-        if src.startswith("hf://"):
-            print(f"{name}: skipped: certify compares with local files, and {src} is a hub source (download it first)")
-            continue
+        rec = (v.get("sources") or {}).get(name) or {}
+        src = local_source(rec)
         rerun = out / "certify" / name
         base = None
         if v.get("merge_family") in ("dare", "della") and v.get("base"):
-            b = ((v.get("sources") or {}).get(v["base"]) or {}).get("source", "")
-            base = Path(b) if b and not b.startswith("hf://") else None
+            b = local_source((v.get("sources") or {}).get(v["base"]) or {})
+            base = Path(b) if b else None
         cmp = rerun_and_compare(exe, out / v["recipe"], rerun, Path(src), base, per)
         if cmp is None:
             continue
@@ -153,6 +151,17 @@ def certify(out: Path, per: int | None = None) -> None:
             f"{name}: {v.get('method')}: {cert['within_storage_rounding']}/{cert['tensors']} tensors within the storage "
             f"dtype's rounding, largest relative distance {cert['max_rel_dist']:.2g}: {cert['note']}"
         )
+
+
+def local_source(rec: dict) -> str:
+    """A model's folder to compare with: a local source as it is, a hub one downloaded at the commit
+    the audit read (huggingface_hub's cache)."""
+    src = rec.get("source", "")
+    if src.startswith("hf://"):
+        from lineage.remote.hub import snapshot
+
+        return str(snapshot(src, rec.get("commit")))
+    return src
 
 
 def rerun_and_compare(

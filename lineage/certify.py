@@ -39,8 +39,10 @@ def _tensors(folder: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     out: dict[str, Path] = {}
+    # a Hugging Face cache snapshot links its files into the repository's blobs/, two levels up
+    tree = folder.parent.parent if folder.parent.name == "snapshots" else folder
     for f in sorted(folder.glob("*.safetensors")):
-        if not f.is_file() or not inside(f, folder):
+        if not f.is_file() or not inside(f, tree):
             continue
         with safe_open(str(f), framework="pt") as h:
             for k in h.keys():  # noqa: SIM118 (a safe_open handle is not a dict)

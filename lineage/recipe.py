@@ -32,9 +32,14 @@ FILTERS = {"attention": "self_attn", "mlp": "mlp", "expert": "experts", "router"
 DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
 
 
-def model_ref(source: str) -> str:
-    """A candidate's source as mergekit names a model: hf://ORG/NAME@REV -> ORG/NAME@REV, a path as is."""
-    return source[len("hf://") :] if source.startswith("hf://") else source
+def model_ref(source: str, commit: str | None = None) -> str:
+    """A candidate's source as mergekit names a model: hf://ORG/NAME@REV -> ORG/NAME@COMMIT (the
+    commit the audit read, so the recipe names the very weights), a path as is."""
+    if not source.startswith("hf://"):
+        return source
+    repo = source[len("hf://") :].partition("@")[0]
+    rev = commit or source.partition("@")[2]
+    return f"{repo}@{rev}" if rev else repo
 
 
 def dtype_of(dtypes: list[str]) -> str:
@@ -70,7 +75,7 @@ def setting(s: dict | None, scalar: float) -> Any:
 
 def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
     """(mergekit configuration, comment lines with the evidence) for verdict `v`, or None."""
-    src = {n: model_ref(r["source"]) for n, r in (v.get("sources") or {}).items()}
+    src = {n: model_ref(r["source"], r.get("commit")) for n, r in (v.get("sources") or {}).items()}
     method, parents = v.get("method"), v.get("parents") or []
     notes: list[str] = []
     cfg: dict[str, Any]

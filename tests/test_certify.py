@@ -119,3 +119,34 @@ def test_a_dare_merge_is_certified_in_distribution(tmp_path):
         "parameters"
     ]["density"]
     assert abs(final - 0.5) <= 0.04
+
+
+def test_a_merge_of_hub_models_is_certified_from_the_hub(tmp_path, monkeypatch):
+    """Parents and suspect on a (loopback) hub: the recipe names each parent at the commit the audit
+    read, mergekit fetches them from the hub, and the suspect is downloaded to compare with."""
+    import os
+
+    import huggingface_hub.constants as c
+
+    from tests.hubserver import Hub, hub_env
+
+    paths, base, kids = family(tmp_path / "models")
+    merged = {k: (0.7 * kids["a"][k] + 0.3 * kids["b"][k]).to(torch.bfloat16) for k in base}
+    paths["suspect"] = save(tmp_path / "models" / "suspect", merged)
+    with Hub() as hub:
+        env = hub_env(hub, tmp_path / "hf-home")
+        for k, val in env.items():
+            monkeypatch.setenv(k, val)
+        monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
+        monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+        commits = {n: hub.repo(f"org/{n}").add_commit(p) for n, p in paths.items()}
+        src = {n: f"hf://org/{n}" for n in paths}
+        out = audit(tmp_path, src["suspect"], {n: src[n] for n in ("base", "a", "b")})  # type: ignore[arg-type]
+        v = json.loads((out / "verdicts" / "suspect.json").read_text())
+        assert (v["verdict"], v["method"]) == ("blend", "linear")
+        recipe = yaml.safe_load((out / v["recipe"]).read_text())
+        assert {m["model"] for m in recipe["models"]} == {f"org/a@{commits['a']}", f"org/b@{commits['b']}"}
+        r = subprocess.run([LINEAGE, "certify", str(out)], capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+        assert r.returncode == 0, r.stderr + r.stdout
+        cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
+        assert cert["exact"] and cert["within_storage_rounding"] == cert["tensors"] == len(base), cert

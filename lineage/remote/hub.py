@@ -23,6 +23,7 @@ the local cache is resolved from the cache alone, as before.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from lineage.errors import LineageError
 from lineage.files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, Stamp, read_small
@@ -176,3 +177,15 @@ def read_beside(root: str, name: str, size: int | None, cap: int) -> bytes | Non
     if local is not None:
         return read_small(local, cap, name)
     return read_document(f"{root}/{name}", cap, size, name)
+
+
+def snapshot(source: str, commit: str | None = None) -> Path:
+    """A local copy of an `hf://` model's safetensors and JSON files at `commit` (huggingface_hub's
+    cache: nothing fetched twice), for what needs whole files (lineage certify's comparison)."""
+    from huggingface_hub import snapshot_download
+
+    repo_id, revision = parse_hf(source)
+    try:
+        return Path(snapshot_download(repo_id, revision=commit or revision, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as e:  # huggingface_hub raises its own errors and requests' alike
+        raise LineageError(f"{source}: cannot download it to compare with ({type(e).__name__}: {e})") from None
