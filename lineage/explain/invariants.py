@@ -28,7 +28,7 @@ from lineage.align import Index
 from lineage.explain.base import one_parent
 from lineage.explain.evidence import Evidence
 from lineage.explain.gauge import EVIDENCE, RANK, adopted, explain, gain_view, prenorm
-from lineage.explain.permutation import unmatched
+from lineage.explain.permutation import derived_parent, unmatched
 from lineage.explain.thresholds import IDENTICAL_COVERAGE, INVARIANT_Z_SIG, RELATED_FRAC
 from lineage.fit import single
 from lineage.gauge import folded_norm
@@ -58,9 +58,7 @@ class Invariants:
     refines = True
 
     def parent(self, verdict: dict | None) -> str | None:
-        if verdict is None or verdict["verdict"] != "derived" or verdict.get("layer_map"):
-            return None
-        return verdict["parents"][0]["name"]
+        return derived_parent(verdict)
 
     def requests(self, ev: Evidence, verdict: dict | None) -> list:
         name = self.parent(verdict)

@@ -74,14 +74,19 @@ def unmatched(ev: Evidence, parent: str) -> list[str]:
     return [t for t, c in corr.items() if c < UNMATCHED_CORR * typical][:MAX_PERMUTATION_SEARCH]
 
 
+def derived_parent(verdict: dict | None) -> str | None:
+    """The parent of a `derived` verdict without a layer map: what a refiner looks at units against."""
+    if verdict is None or verdict["verdict"] != "derived" or verdict.get("layer_map"):
+        return None
+    return verdict["parents"][0]["name"]
+
+
 class Permutations:
     name = "permutation"
     refines = True
 
     def parent(self, verdict: dict | None) -> str | None:
-        if verdict is None or verdict["verdict"] != "derived" or verdict.get("layer_map"):
-            return None
-        return verdict["parents"][0]["name"]
+        return derived_parent(verdict)
 
     def requests(self, ev: Evidence, verdict: dict | None) -> list:
         name = self.parent(verdict)
