@@ -18,13 +18,6 @@ from lineage.files import MAX_CONFIG_BYTES, read_small
 from lineage.remote import is_remote
 from lineage.source import Model
 
-
-def read_hub_config(root: str, size: int | None) -> bytes | None:
-    from lineage.remote.hub import read_config as hub_config
-
-    return hub_config(root, size)
-
-
 #: Sane upper bounds: far above any published model, far below what breaks arithmetic.
 MAX_HIDDEN = 1 << 20
 MAX_HEADS = 1 << 16
@@ -35,19 +28,27 @@ def read_config(model: Model | str | Path) -> tuple[dict | None, str | None]:
 
     `model` is a resolved Model (local, or on the hub: its config.json is
     fetched, capped) or a local folder."""
+    return read_json_beside(model, "config.json", MAX_CONFIG_BYTES)
+
+
+def read_json_beside(model: Model | str | Path, name: str, cap: int) -> tuple[dict | None, str | None]:
+    """A JSON object file beside a model's shards (config.json, tokenizer.json), read as hostile
+    input: (the object, None), (None, why it is unusable), or (None, None) when absent."""
     root = model.root if isinstance(model, Model) else str(model)
-    path: Path | str = Path(root) / "config.json"
+    path: Path | str = Path(root) / name
     try:
         if is_remote(root):
-            path = root + "/config.json"
-            size = model.files.get("config.json", {}).get("size") if isinstance(model, Model) else None
-            raw = read_hub_config(root, size)
+            from lineage.remote.hub import read_beside
+
+            path = f"{root}/{name}"
+            size = model.files.get(name, {}).get("size") if isinstance(model, Model) else None
+            raw = read_beside(root, name, size, cap)
             if raw is None:
                 return None, None
         else:
             if not Path(path).exists() and not Path(path).is_symlink():
                 return None, None
-            raw = read_small(path, MAX_CONFIG_BYTES, "config.json")
+            raw = read_small(path, cap, name)
         doc = json.loads(raw.decode("utf-8"))
     except LineageError as e:
         return None, str(e)

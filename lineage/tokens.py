@@ -12,14 +12,10 @@ depth bounded, ids checked to be row numbers.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
-from lineage.errors import LineageError
-from lineage.files import MAX_LIST_BYTES, read_small
-from lineage.remote import is_remote
+from lineage.files import MAX_LIST_BYTES
+from lineage.modelconfig import read_json_beside
 
 TOKENIZER = "tokenizer.json"
 #: Largest tokenizer.json read (real ones are 2-35 MB).
@@ -28,28 +24,10 @@ MAX_TOKENIZER_BYTES = MAX_LIST_BYTES
 
 def read_vocab(model) -> tuple[dict[str, int] | None, str | None]:
     """(token -> id, None), (None, why it is unusable), or (None, None) when the model has none."""
-    root = str(model.root)
-    try:
-        if is_remote(root):
-            from lineage.remote.hub import read_beside
-
-            size = model.files.get(TOKENIZER, {}).get("size")
-            raw = read_beside(root, TOKENIZER, size, MAX_TOKENIZER_BYTES)
-            if raw is None:
-                return None, None
-        else:
-            path = Path(root) / TOKENIZER
-            if not path.exists() and not path.is_symlink():
-                return None, None
-            raw = read_small(path, MAX_TOKENIZER_BYTES, TOKENIZER)
-        doc = json.loads(raw.decode("utf-8"))
-    except LineageError as e:
-        return None, str(e)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, f"{root}/{TOKENIZER}: not valid JSON ({e})"
-    except RecursionError:
-        return None, f"{root}/{TOKENIZER}: JSON nested too deeply"
-    return vocab_of(doc, f"{root}/{TOKENIZER}")
+    doc, why = read_json_beside(model, TOKENIZER, MAX_TOKENIZER_BYTES)
+    if doc is None:
+        return None, why
+    return vocab_of(doc, f"{model.root}/{TOKENIZER}")
 
 
 def vocab_of(doc: object, where: str) -> tuple[dict[str, int] | None, str | None]:
