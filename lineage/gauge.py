@@ -44,11 +44,19 @@ EMBED = re.compile(r"(embed_tokens|word_embeddings|wte|tok_embeddings)\.weight$"
 #: Matrices whose columns read the residual stream (their input is the hidden dimension).
 READS = re.compile(
     r"((self_attn\.(q_proj|k_proj|v_proj))|(mlp\.(gate_proj|up_proj|w1|w3|gate))|lm_head|"
+    r"experts\.\d+\.(gate_proj|up_proj|w1|w3)|shared_experts?\.(gate_proj|up_proj)|shared_expert_gate|"
+    r"block_sparse_moe\.gate|"
     r"attention\.self\.(query|key|value)|intermediate\.dense|pooler\.dense|"
     r"position_embeddings|token_type_embeddings|wpe)\.weight$"
 )
 #: Matrices whose rows write to the residual stream (their output is the hidden dimension).
-WRITES = re.compile(r"(self_attn\.o_proj|mlp\.(down_proj|w2)|attention\.output\.dense|(?<!attention\.)output\.dense)\.weight$")
+WRITES = re.compile(
+    r"(self_attn\.o_proj|mlp\.(down_proj|w2)|experts\.\d+\.(down_proj|w2)|shared_experts?\.down_proj|"
+    r"attention\.output\.dense|(?<!attention\.)output\.dense)\.weight$"
+)
+#: Routed experts fused into one tensor per layer: gate_up [E, 2I, hidden] reads, down [E, hidden, I] writes.
+FUSED_READS = re.compile(r"experts\.gate_up_proj$")
+FUSED_WRITES = re.compile(r"experts\.down_proj$")
 #: Hidden-sized vectors: norm gains and biases, and the biases of the writers.
 NORM = re.compile(r"(norm|LayerNorm|ln_\w+)\.(weight|bias)$")
 WRITE_BIAS = re.compile(r"(self_attn\.o_proj|mlp\.down_proj|attention\.output\.dense|(?<!attention\.)output\.dense)\.bias$")
@@ -58,7 +66,11 @@ FOLDS = (
     (re.compile(r"^(.*layers\.\d+\.)self_attn\.(q_proj|k_proj|v_proj)\.weight$"), r"\1input_layernorm.weight"),
     (re.compile(r"^(.*layers\.\d+\.)mlp\.(gate_proj|up_proj|gate)\.weight$"), r"\1post_attention_layernorm.weight"),
     (
-        re.compile(r"^(.*layers\.\d+\.)mlp\.experts\.\d+\.(gate_proj|up_proj|w1|w3)\.weight$"),
+        re.compile(
+            r"^(.*layers\.\d+\.)(mlp\.experts\.\d+\.(gate_proj|up_proj|w1|w3)\.weight|mlp\.experts\.gate_up_proj|"
+            r"mlp\.shared_experts?\.(gate_proj|up_proj)\.weight|mlp\.shared_expert_gate\.weight|"
+            r"block_sparse_moe\.(gate|experts\.\d+\.(w1|w3))\.weight)$"
+        ),
         r"\1post_attention_layernorm.weight",
     ),
     (re.compile(r"^lm_head\.weight$"), "norm.weight"),
@@ -84,9 +96,9 @@ def role(name: str) -> str | None:
     c = canonical(name)
     if EMBED.search(c):
         return "embed"
-    if READS.search(c):
+    if READS.search(c) or FUSED_READS.search(c):
         return "reads"
-    if WRITES.search(c):
+    if WRITES.search(c) or FUSED_WRITES.search(c):
         return "writes"
     if NORM.search(c) and not re.search(r"(q_norm|k_norm)\.", c):
         return "norm"
@@ -169,6 +181,11 @@ class Gauge:
                 return x[:, self.perm]  # gains permute, never change sign
             return self.cols(x)
         if what == "writes":
+            import torch
+
+            h = len(self.perm) if self.perm is not None else self.q.shape[0]  # type: ignore[union-attr]
+            if x.shape[0] != h and x.shape[0] % h == 0:  # fused experts: [E * hidden, inner], one expert at a time
+                return torch.cat([self.apply(b, "writes") for b in x.split(h)])
             return self.cols(x.T.contiguous()).T.contiguous()
         raise ValueError(f"no gauge transform for a tensor of role {what!r}")
 

@@ -27,6 +27,7 @@ from collections.abc import Callable, Generator
 from lineage.explain.base import Explainer
 from lineage.explain.derived import Derived
 from lineage.explain.evidence import Candidate, Evidence
+from lineage.explain.experts import ExpertMatching, ExpertMatchingInGauge, ExpertRefit
 from lineage.explain.gauge import GaugeEstimate, GaugeRefit
 from lineage.explain.identical import Identical
 from lineage.explain.invariants import Invariants
@@ -56,8 +57,11 @@ REGISTRY: tuple[Explainer, ...] = (
     Derived(),
     # refiners, on the answer above
     LayerMap(),
+    ExpertMatching(),
+    ExpertRefit(),
     Permutations(),
     GaugeEstimate(),
+    ExpertMatchingInGauge(),
     GaugeRefit(),
     PermutationsInGauge(),
     Invariants(),

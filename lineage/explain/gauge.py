@@ -28,6 +28,7 @@ import pyarrow as pa
 from lineage.align import Index, align
 from lineage.dtypes import DTYPES, MIXED
 from lineage.explain.evidence import Evidence
+from lineage.explain.experts import MATCHES_IN_GAUGE, repaired
 from lineage.explain.table import _rows_of
 from lineage.explain.thresholds import GAUGE_MIN_CORR, GAUGE_MIN_GAIN
 from lineage.gauge import OFFSET_GAIN_TYPES, Gain, folded_norm, role
@@ -152,13 +153,16 @@ class GaugeRefit:
         fold = all(e.gauge.fold for e in found.values()) and prenorm(suspect)
         rotation = any(e.gauge.perm is None for e in found.values())
         maps = {n: mp for n, mp in vocab_maps(ev).items() if n in found}
-        groups, _ = align(suspect, cands)
         ixs = {m.name: Index.build(m) for m in [suspect, *cands]}
+        groups, _ = align(suspect, cands)
         items, planned = [], ev.memo(GROUPS, list)
+        renumbered = {n: m for n, m in ev.memo(MATCHES_IN_GAUGE, dict).items() if n in found}
         for g in groups:
             r = role(g.tensor)
             if g.status != "ok" or g.view is None or r is None:
                 continue
+            for n, matches in renumbered.items():  # experts renumbered under the disguise: their rows re-paired
+                g = repaired(g, suspect.tensors[g.tensor], n, matches, ixs[n]) or g
             if (r == "embed" and rotation) or (r == "norm" and fold):
                 continue  # the transform was fitted to it / gains folded into their readers
             norm = folded_norm(g.tensor) if fold and r == "reads" else None
@@ -243,13 +247,19 @@ class GaugeRefit:
         rotated = any(found[n].gauge.perm is None for n in related)
         what = " / ".join(kinds) + (" (norm gains folded first)" if rotated else "")
         vocab = [n for n in related if n in vocab_maps(ev)]
+        experts = {n: m for n, m in ev.memo(MATCHES_IN_GAUGE, dict).items() if n in related}
         undone = (["vocabulary reordered"] if vocab else []) + [f"residual {k}" for k in kinds]
+        undone += ["experts renumbered"] if experts else []
         names = " and ".join(related)
         said = []
         if vocab:
             said.append("its vocabulary is reordered (rows aligned by their token strings, tokenizer.json)")
         if kinds:
             said.append(f"its residual stream is disguised by a {what} of the hidden dimension")
+        if experts:
+            layers = max(len(m) for m in experts.values())
+            said.append(f"its experts are renumbered, the router's rows with them, in {layers} layer{'s' if layers != 1 else ''}")
+            v2["experts"] = {n: {"layers_renumbered": len(m), "in_gauge": True, "adopted": True} for n, m in experts.items()}
         lead = f"Against {names}, {ev.suspect}: {' and '.join(said)} (which leaves the function unchanged); undone, "
         v2["explanation"] = lead + v2["explanation"][0].lower() + v2["explanation"][1:]
         ev.memo(EVIDENCE, lambda: ev2)

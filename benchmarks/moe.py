@@ -1,0 +1,190 @@
+"""Mixture-of-experts models for the evaluation set, trained for real with transformers.
+
+The case lineage exists for is a mixture of experts (Qwen3.5-397B-A17B),
+so the evaluation set needs MoE suspects too: Qwen3-MoE-shaped models
+(q/k norms, a router per layer, top-2 of 8 experts), built and trained by
+transformers' own `Qwen3MoeForCausalLM` on the same byte corpora as
+benchmarks/tinyllama.py, and saved by its `save_pretrained` (one tensor per
+expert, the layout the hub serves). `fused` rewrites a state dict in the
+fused layout (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I])
+that Qwen3.5's BF16 release uses, and `permute_experts` is the disguise an
+MoE allows on top of the dense ones: experts renumbered, with the router's
+rows, which leaves the function unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from benchmarks.tinyllama import corpus
+
+MOE = {"hidden": 128, "inter": 128, "layers": 4, "heads": 4, "kv": 2, "head_dim": 32, "experts": 8, "topk": 2, "vocab": 256}
+EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def config(cfg: dict = MOE):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["inter"],
+        moe_intermediate_size=cfg["inter"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv"],
+        head_dim=cfg["head_dim"],
+        num_experts=cfg["experts"],
+        num_experts_per_tok=cfg["topk"],
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=256,
+    )
+
+
+def _model(w: dict[str, torch.Tensor] | None, seed: int, cfg: dict):
+    """A Qwen3MoeForCausalLM with weights `w` (per-expert names), or freshly initialised from `seed`."""
+    import tempfile
+
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    if w is None:
+        return Qwen3MoeForCausalLM(config(cfg)).float()
+    with tempfile.TemporaryDirectory() as d:
+        save(Path(d), w, cfg)
+        return Qwen3MoeForCausalLM.from_pretrained(d, dtype=torch.float32)
+
+
+def _weights(m, cfg: dict) -> dict[str, torch.Tensor]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        m.save_pretrained(d)
+        return {k: v.float() for k, v in load_file(str(Path(d) / "model.safetensors")).items()}
+
+
+def train(w: dict | None, text: str, steps: int, lr: float, seed: int, cfg: dict = MOE, batch: int = 8, ctx: int = 64):
+    """`steps` AdamW steps of next-byte prediction on random windows of corpus `text`, on one
+    thread so that the models are the same on every build (see tinyllama.train)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = _model(w, seed, cfg)
+        m.train()
+        data = corpus(text)
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0)
+        for _ in range(steps):
+            starts = torch.randint(0, len(data) - ctx - 1, (batch,), generator=g)
+            x = torch.stack([data[s : s + ctx] for s in starts])
+            y = torch.stack([data[s + 1 : s + ctx + 1] for s in starts])
+            logits = m(input_ids=x).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return _weights(m, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def pretrained(seed: int, cfg: dict = MOE) -> dict[str, torch.Tensor]:
+    """An MoE model trained from seed `seed`: 300 steps on the pretraining corpus."""
+    return train(None, "pretrain", steps=300, lr=3e-3, seed=seed, cfg=cfg)
+
+
+def finetune(w: dict, text: str, seed: int, steps: int = 30, lr: float = 1e-4, cfg: dict = MOE) -> dict:
+    return train(w, text, steps=steps, lr=lr, seed=seed, cfg=cfg)
+
+
+def save(folder: Path, w: dict[str, torch.Tensor], cfg: dict = MOE) -> Path:
+    """The state dict as model.safetensors with transformers' config.json beside it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in w.items()}, str(folder / "model.safetensors"))
+    c = config(cfg).to_dict()
+    c["architectures"] = ["Qwen3MoeForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(c))
+    return folder
+
+
+def logits(w: dict, cfg: dict = MOE, seed: int = 0) -> torch.Tensor:
+    """The model's logits on a fixed window of held-out text: what a disguise must leave unchanged."""
+    m = _model(w, 0, cfg).eval()
+    data = corpus("ft-c")
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randint(0, len(data) - 65, (4,), generator=g)
+    with torch.no_grad():
+        return m(input_ids=torch.stack([data[i : i + 64] for i in s])).logits
+
+
+def fused(w: dict) -> dict:
+    """The same weights with each layer's experts fused: gate_up_proj [E, 2I, H], down_proj [E, H, I]."""
+    out, experts = {}, {}
+    for k, v in w.items():
+        m = EXPERT.match(k)
+        if m is None:
+            out[k] = v
+        else:
+            experts.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = v
+    for prefix, per in experts.items():
+        order = sorted(per)
+        out[prefix + ".gate_up_proj"] = torch.stack([torch.cat([per[e]["gate_proj"], per[e]["up_proj"]]) for e in order])
+        out[prefix + ".down_proj"] = torch.stack([per[e]["down_proj"] for e in order])
+    return out
+
+
+def permute_experts(w: dict, seed: int) -> dict:
+    """Experts renumbered in every layer, the router's rows with them: the same function."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(w)
+    layers = sorted({k.split(".mlp.")[0] for k in w if ".mlp.gate.weight" in k})
+    for p in layers:
+        router = w[p + ".mlp.gate.weight"]
+        perm = torch.randperm(router.shape[0], generator=g)  # new expert e is old expert perm[e]
+        out[p + ".mlp.gate.weight"] = router[perm].clone()
+        for e, old in enumerate(perm.tolist()):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                out[f"{p}.mlp.experts.{e}.{proj}.weight"] = w[f"{p}.mlp.experts.{old}.{proj}.weight"]
+    return out
+
+
+def _readers(w: dict, p: str) -> list[str]:
+    """The matrices of layer prefix `p` that read the post-attention norm: router and experts' gate/up."""
+    return [
+        k
+        for k in w
+        if k.startswith(p + "mlp.") and (k.endswith(("gate_proj.weight", "up_proj.weight")) or k == p + "mlp.gate.weight")
+    ]
+
+
+def rotate_residual(w: dict, seed: int) -> dict:
+    """Norm gains folded into their readers (attention, router, experts), then the residual
+    stream rotated by a random orthogonal matrix: the same function (benchmarks/attacks.py
+    does the same to a dense model)."""
+    from benchmarks.attacks import _orthogonal
+
+    g = torch.Generator().manual_seed(seed)
+    x = {k: v.double() for k, v in w.items()}
+    h = x["model.embed_tokens.weight"].shape[1]
+    q = _orthogonal(h, g)
+    layers = sorted({k.split(".mlp.")[0] + "." for k in w if ".mlp.gate.weight" in k})
+    for p in layers:
+        attn = [p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")]
+        for norm, readers in ((p + "input_layernorm.weight", attn), (p + "post_attention_layernorm.weight", _readers(w, p))):
+            for r in readers:
+                x[r] = x[r] * x[norm] @ q
+            x[norm] = torch.ones_like(x[norm])
+        for k in [p + "self_attn.o_proj.weight"] + [k for k in w if k.startswith(p + "mlp.") and k.endswith("down_proj.weight")]:
+            x[k] = q.T @ x[k]
+    x["lm_head.weight"] = x["lm_head.weight"] * x["model.norm.weight"] @ q
+    x["model.norm.weight"] = torch.ones_like(x["model.norm.weight"])
+    x["model.embed_tokens.weight"] = x["model.embed_tokens.weight"] @ q
+    return {k: v.to(w[k].dtype) for k, v in x.items()}

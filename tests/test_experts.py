@@ -1,0 +1,88 @@
+"""Mixtures of experts: renumbered experts and a rotated residual stream are seen through.
+
+Qwen3-MoE-shaped models built and trained for real by transformers
+(benchmarks/moe.py: 8 experts, top-2, a router per layer), saved one
+tensor per expert as `save_pretrained` writes them, or fused as Qwen3.5's
+BF16 release stores them. Every disguise is checked function-preserving
+by running the model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from benchmarks import moe  # noqa: E402
+from lineage.audit import run_local  # noqa: E402
+from lineage.modelset import ModelSet  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe")
+    base = moe.train(None, "pretrain", steps=150, lr=3e-3, seed=0)
+    other = moe.train(None, "pretrain", steps=150, lr=3e-3, seed=1)
+    ft = moe.finetune(base, "ft-a", 11)
+    return root, base, other, ft
+
+
+def audit(root, suspect: dict, cands: dict, name: str) -> dict:
+    folder = moe.save(root / name, suspect)
+    paths = {n: moe.save(root / f"{name}-{n}", w) for n, w in cands.items()}
+    ms = ModelSet.from_dict(
+        {
+            "name": "moe",
+            "suspects": [{"name": "suspect", "source": str(folder)}],
+            "candidates": [{"name": n, "source": str(p)} for n, p in paths.items()],
+        }
+    )
+    (v,) = run_local(ms, root / f"{name}-out")
+    return v
+
+
+def test_renumbered_experts_and_a_rotation_leave_the_function_unchanged(models):
+    _, base, _, _ = models
+    ref = moe.logits(base)
+    for w in (moe.permute_experts(base, 3), moe.rotate_residual(base, 4)):
+        assert (moe.logits(w) - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_a_copy_with_its_experts_renumbered_is_identical_in_either_layout(models):
+    root, base, _, _ = models
+    renum = moe.permute_experts(base, 3)
+    v = audit(root, renum, {"base": base}, "renum")
+    assert v["verdict"] == "identical" and v["parents"][0]["name"] == "base"
+    assert "experts renumbered" in v["undone"]
+    assert v["experts"]["adopted"] and v["experts"]["layers_renumbered"] == moe.MOE["layers"]
+    assert v["experts"]["router_corr_before"] < 0.5 < 0.99 < v["experts"]["router_corr_after"]
+    # fused experts ([E, 2I, H] and [E, H, I], bf16) against the per-expert parent
+    fused = {k: x.to(torch.bfloat16) for k, x in moe.fused(renum).items()}
+    v = audit(root, fused, {"base": base}, "renum-fused")
+    assert v["verdict"] == "identical" and "experts renumbered" in v["undone"]
+
+
+def test_a_fine_tune_with_its_experts_renumbered_is_derived_and_unrelated_models_stay_unrelated(models):
+    root, base, other, ft = models
+    v = audit(root, moe.permute_experts(ft, 4), {"base": base, "other": other}, "ft-renum")
+    assert v["verdict"] == "derived" and v["parents"][0]["name"] == "base"
+    assert "experts renumbered" in v["undone"]
+    # controls: another model, as it is and with its experts renumbered, matches nothing
+    for name, w in (("other", other), ("other-renum", moe.permute_experts(other, 5))):
+        v = audit(root, w, {"base": base}, name)
+        assert v["verdict"] == "unrelated", name
+        assert not (v.get("experts") or {}).get("adopted"), name
+
+
+def test_a_rotated_moe_is_identical_and_renumbering_on_top_is_undone_in_its_gauge(models):
+    root, base, _, ft = models
+    v = audit(root, moe.rotate_residual(base, 6), {"base": base}, "rot")
+    assert v["verdict"] == "identical" and "residual rotation" in v["undone"]
+    v = audit(root, moe.fused(moe.rotate_residual(ft, 7)), {"base": base}, "ft-rot-fused")
+    assert v["verdict"] == "derived" and "residual rotation" in v["undone"]
+    v = audit(root, moe.permute_experts(moe.rotate_residual(base, 8), 9), {"base": base}, "rot-renum")
+    assert v["verdict"] == "identical"
+    assert {"residual rotation", "experts renumbered"} <= set(v["undone"])
