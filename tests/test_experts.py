@@ -57,8 +57,9 @@ def test_a_copy_with_its_experts_renumbered_is_identical_in_either_layout(models
     v = audit(root, renum, {"base": base}, "renum")
     assert v["verdict"] == "identical" and v["parents"][0]["name"] == "base"
     assert "experts renumbered" in v["undone"]
-    assert v["experts"]["adopted"] and v["experts"]["layers_renumbered"] == moe.MOE["layers"]
-    assert v["experts"]["router_corr_before"] < 0.5 < 0.99 < v["experts"]["router_corr_after"]
+    found = v["experts"]["base"]
+    assert found["adopted"] and found["layers_renumbered"] == moe.MOE["layers"] and found["experts"] == moe.MOE["experts"]
+    assert found["router_corr_before"] < 0.5 < 0.99 < found["router_corr_after"]
     # fused experts ([E, 2I, H] and [E, H, I], bf16) against the per-expert parent
     fused = {k: x.to(torch.bfloat16) for k, x in moe.fused(renum).items()}
     v = audit(root, fused, {"base": base}, "renum-fused")
@@ -74,7 +75,7 @@ def test_a_fine_tune_with_its_experts_renumbered_is_derived_and_unrelated_models
     for name, w in (("other", other), ("other-renum", moe.permute_experts(other, 5))):
         v = audit(root, w, {"base": base}, name)
         assert v["verdict"] == "unrelated", name
-        assert not (v.get("experts") or {}).get("adopted"), name
+        assert not any(x["adopted"] for x in (v.get("experts") or {}).values()), name
 
 
 def test_a_rotated_moe_is_identical_and_renumbering_on_top_is_undone_in_its_gauge(models):
@@ -85,4 +86,14 @@ def test_a_rotated_moe_is_identical_and_renumbering_on_top_is_undone_in_its_gaug
     assert v["verdict"] == "derived" and "residual rotation" in v["undone"]
     v = audit(root, moe.permute_experts(moe.rotate_residual(base, 8), 9), {"base": base}, "rot-renum")
     assert v["verdict"] == "identical"
-    assert {"residual rotation", "experts renumbered"} <= set(v["undone"])
+    assert {"residual rotation", "experts renumbered"} <= set(v["undone"]) and v["experts"]["base"]["in_gauge"]
+
+
+def test_a_blend_with_its_experts_renumbered_keeps_its_weights(models):
+    root, base, other, ft = models
+    ft2 = moe.finetune(base, "ft-b", 12)
+    blend = {k: (0.6 * ft[k] + 0.4 * ft2[k]).to(torch.bfloat16) for k in base}
+    v = audit(root, moe.permute_experts(blend, 10), {"base": base, "ft1": ft, "ft2": ft2}, "blend-renum")
+    assert v["verdict"] == "blend" and "experts renumbered" in v["undone"]
+    w = {p["name"]: p["weight"] for p in v["parents"]}
+    assert abs(w["ft1"] - 0.6) < 0.01 and abs(w["ft2"] - 0.4) < 0.01

@@ -128,17 +128,19 @@ class ExpertRefit:
         found: dict[str, dict[str, ExpertMatch]] = ev.memo(MATCHES, dict)
         if verdict is None or not found:
             return []
-        name = max(found, key=lambda n: len(found[n]))  # one candidate's matching at a time: the most layers
-        suspect, parent = ev.models[ev.suspect], ev.models[name]
-        groups, _ = align(suspect, [ev.models[c.name] for c in ev.candidates if c.name in ev.models])
-        c_ix = Index.build(parent)
+        suspect = ev.models[ev.suspect]
+        cands = [ev.models[c.name] for c in ev.candidates if c.name in ev.models]
+        groups, _ = align(suspect, cands)
+        ixs = {m.name: Index.build(m) for m in cands}
         items: list[Item] = []
         planned: list[tuple[Group, list[int]]] = []
         for g in groups:
             if g.status != "ok":
                 continue
-            new = repaired(g, suspect.tensors[g.tensor], name, found[name], c_ix)
-            if new is None:
+            new = g
+            for n, matches in found.items():  # every matched candidate's side re-paired by its own matching
+                new = repaired(new, suspect.tensors[g.tensor], n, matches, ixs[n]) or new
+            if new is g:
                 continue
             rows = new.view.rows  # type: ignore[union-attr]
             parts = max(1, min(rows, math.ceil(new.nbytes / REFIT_ITEM_BYTES)))
@@ -148,7 +150,7 @@ class ExpertRefit:
                 ids.append(len(items))
                 items.append(Item(len(items), new, cuts[k], cuts[k + 1], k, parts, new.nbytes * (cuts[k + 1] - cuts[k]) // rows))
             planned.append((new, ids))
-        ev.memo(GROUPS, lambda: (name, planned))
+        ev.memo(GROUPS, lambda: planned)
         return items
 
     def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
@@ -156,9 +158,8 @@ class ExpertRefit:
 
         if verdict is None or not results:
             return verdict
-        name, planned = ev.memo(GROUPS, lambda: (None, []))
         rows = []
-        for g, ids in planned:
+        for g, ids in ev.memo(GROUPS, list):
             parts = [results[i] for i in ids]
             err = next((p.error for p in parts if p.error), None)
             if err is not None or any(p.stats is None for p in parts):
@@ -174,32 +175,40 @@ class ExpertRefit:
             s.seal()
         ev2 = Evidence(ev.suspect, ev.candidates, [fresh.get(r.tensor, r) for r in ev.rows], dict(ev.unmatched), ev.models)
         v2 = explain(ev2)
-        before, after = ev.per[name], ev2.per[name]
-        better = RANK.get(v2["verdict"], 0) > RANK.get(verdict["verdict"], 0) or (
-            v2["verdict"] == verdict["verdict"] != "unrelated"
-            and (after.median_corr or -1.0) > (before.median_corr or -1.0)
-            and [p["name"] for p in v2["parents"]][:1] == [name]
+        found: dict[str, dict[str, ExpertMatch]] = ev.memo(MATCHES, dict)
+        parents = [p["name"] for p in v2["parents"] if p["name"] in found]
+        lead = parents[0] if parents else None
+        better = lead is not None and (
+            RANK.get(v2["verdict"], 0) > RANK.get(verdict["verdict"], 0)
+            or (
+                v2["verdict"] == verdict["verdict"] != "unrelated"
+                and (ev2.per[lead].median_corr or -1.0) > (ev.per[lead].median_corr or -1.0)
+            )
         )
-        matches = ev.memo(MATCHES, dict)[name]
         section = {
-            "candidate": name,
-            "layers_renumbered": len(matches),
-            "experts": len(next(iter(matches.values())).perm),
-            "router_corr_before": round(min(m.corr_before for m in matches.values()), 6),
-            "router_corr_after": round(min(m.corr_after for m in matches.values()), 6),
-            "tensors_recompared": len(fresh),
-            "median_corr_before": before.median_corr,
-            "median_corr_after": after.median_corr,
+            n: {
+                "layers_renumbered": len(m),
+                "experts": len(next(iter(m.values())).perm),
+                "router_corr_before": round(min(x.corr_before for x in m.values()), 6),
+                "router_corr_after": round(min(x.corr_after for x in m.values()), 6),
+                "median_corr_before": ev.per[n].median_corr,
+                "median_corr_after": ev2.per[n].median_corr,
+                "adopted": better and n in parents,
+            }
+            for n, m in found.items()
         }
-        if not better or name not in [p["name"] for p in v2["parents"]]:
-            verdict["experts"] = section | {"adopted": False, "rejected": "re-paired, the experts do not relate better"}
+        if not better:
+            verdict["experts"] = section
             return verdict
-        lead = (
-            f"Against {name}, {ev.suspect} has its experts renumbered, the router's rows with them, in "
-            f"{len(matches)} layer{'s' if len(matches) != 1 else ''} (which leaves the function unchanged); undone, "
+        layers = max(len(found[n]) for n in parents)
+        who = " and ".join(parents)
+        v2["explanation"] = (
+            f"Against {who}, {ev.suspect} has its experts renumbered, the router's rows with them, in {layers} "
+            f"layer{'s' if layers != 1 else ''} (which leaves the function unchanged); undone, "
+            + v2["explanation"][0].lower()
+            + v2["explanation"][1:]
         )
-        v2["explanation"] = lead + v2["explanation"][0].lower() + v2["explanation"][1:]
-        v2["experts"] = section | {"adopted": True}
+        v2["experts"] = section
         v2["undone"] = list(verdict.get("undone") or []) + ["experts renumbered"]
         for key in ("warnings", "layer_map"):
             if verdict.get(key) and key not in v2:

@@ -259,7 +259,17 @@ class GaugeRefit:
         if experts:
             layers = max(len(m) for m in experts.values())
             said.append(f"its experts are renumbered, the router's rows with them, in {layers} layer{'s' if layers != 1 else ''}")
-            v2["experts"] = {n: {"layers_renumbered": len(m), "in_gauge": True, "adopted": True} for n, m in experts.items()}
+            v2["experts"] = {
+                n: {
+                    "layers_renumbered": len(m),
+                    "experts": len(next(iter(m.values())).perm),
+                    "router_corr_before": round(min(x.corr_before for x in m.values()), 6),
+                    "router_corr_after": round(min(x.corr_after for x in m.values()), 6),
+                    "in_gauge": True,
+                    "adopted": True,
+                }
+                for n, m in experts.items()
+            }
         lead = f"Against {names}, {ev.suspect}: {' and '.join(said)} (which leaves the function unchanged); undone, "
         v2["explanation"] = lead + v2["explanation"][0].lower() + v2["explanation"][1:]
         ev.memo(EVIDENCE, lambda: ev2)
