@@ -23,6 +23,7 @@ This is the measuring stick for issue 3.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import shutil
@@ -400,6 +401,10 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     add("minilm vs llama-0 (other shapes)", save(root / "mini-copy", real, None), {"llama": paths[0]}, "inconclusive")
     wild.cases(root, add, built, finetune, llama, save, mergekit if with_mergekit else lambda folder, config: None)
     attacks.cases(root, add, save, LLAMA, models, paths, fam, (ft1, ft2), real, mini)
+    if importlib.util.find_spec("transformers") is not None:  # mixtures of experts, trained by transformers
+        from benchmarks import moe
+
+        moe.cases(root, add, mergekit if with_mergekit else lambda folder, config: None)
     return out
 
 

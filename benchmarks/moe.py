@@ -188,3 +188,119 @@ def rotate_residual(w: dict, seed: int) -> dict:
     x["model.norm.weight"] = torch.ones_like(x["model.norm.weight"])
     x["model.embed_tokens.weight"] = x["model.embed_tokens.weight"] @ q
     return {k: v.to(w[k].dtype) for k, v in x.items()}
+
+
+def cases(root: Path, add, mergekit) -> None:
+    """The evaluation set's mixtures of experts (when transformers is installed): copies in both
+    expert layouts, a fine-tune, blends (torch and mergekit), the MoE disguises (experts
+    renumbered, the residual rotated, both, on a copy, a fine-tune and a blend, each checked
+    function-preserving), and unrelated controls."""
+
+    def built(name: str, make) -> dict[str, torch.Tensor]:
+        f = root / name / "model.safetensors"
+        if f.exists():
+            return load_file(str(f))
+        w = make()
+        save(root / name, w)
+        return w
+
+    def checked(w: dict, before: dict, what: str) -> dict:
+        ref = logits(before)
+        err = float((logits(w) - ref).abs().max() / ref.abs().max())
+        assert err < 1e-4, f"{what}: the disguise changed the function ({err:.1e})"
+        return w
+
+    def bf16(w: dict) -> dict:
+        return {k: v.to(torch.bfloat16) for k, v in w.items()}
+
+    base, other = built("moe-0", lambda: pretrained(0)), built("moe-1", lambda: pretrained(1))
+    built("moe-2", lambda: pretrained(2))
+    ft1 = built("moe-ft1", lambda: finetune(base, "ft-a", 11))
+    ft2 = built("moe-ft2", lambda: finetune(base, "ft-b", 12))
+    p = {n: root / n for n in ("moe-0", "moe-1", "moe-2", "moe-ft1", "moe-ft2")}
+    one = {"base": p["moe-0"]}
+    fam = {"base": p["moe-0"], "ft1": p["moe-ft1"], "ft2": p["moe-ft2"]}
+    renum = ["experts renumbered"]
+    add("moe bf16 copy", save(root / "moe-bf16", bf16(base)), one, "identical")
+    add("moe fused experts, bf16", save(root / "moe-fused", bf16(fused(base))), one, "identical")
+    add("moe fine-tune vs base", p["moe-ft1"], {"base": p["moe-0"], "seed1": p["moe-1"]}, "derived", parent="base")
+    lin = {k: 0.6 * ft1[k] + 0.4 * ft2[k] for k in base}
+    add("moe linear 0.6/0.4 (torch)", save(root / "moe-lin", bf16(lin)), fam, "blend", {"ft1": 0.6, "ft2": 0.4})
+    mk = "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.7}}\ndtype: bfloat16\n"
+    folder = mergekit(root / "moe-mk-linear", mk.format(a=p["moe-ft1"], b=p["moe-ft2"]))
+    if folder is not None:
+        add("mergekit moe linear 0.3/0.7", folder, fam, "blend", {"ft1": 0.3, "ft2": 0.7})
+    ta = (
+        "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n"
+        "  - model: {b}\n    parameters: {{weight: 0.4}}\ndtype: bfloat16\n"
+    )
+    folder = mergekit(root / "moe-mk-ta", ta.format(base=p["moe-0"], a=p["moe-ft1"], b=p["moe-ft2"]))
+    if folder is not None:
+        add("mergekit moe task_arithmetic 0.6/0.4", folder, fam, "blend", {"ft1": 0.6, "ft2": 0.4}, base="base")
+    add(
+        "disguise: moe experts renumbered",
+        save(root / "moe-atk-renum", checked(permute_experts(base, 61), base, "renumbered")),
+        one,
+        "identical",
+        undone=renum,
+    )
+    add(
+        "disguise: moe experts renumbered, fused",
+        save(root / "moe-atk-renum-fused", fused(permute_experts(base, 62))),
+        one,
+        "identical",
+        undone=renum,
+    )
+    add(
+        "disguise: moe fine-tune, experts renumbered",
+        save(root / "moe-atk-ft-renum", checked(permute_experts(ft1, 63), ft1, "fine-tune renumbered")),
+        {"base": p["moe-0"], "seed1": p["moe-1"]},
+        "derived",
+        parent="base",
+        undone=renum,
+    )
+    add(
+        "disguise: moe 0.6/0.4 blend, experts renumbered",
+        save(root / "moe-atk-lin-renum", bf16(permute_experts(lin, 64))),
+        fam,
+        "blend",
+        {"ft1": 0.6, "ft2": 0.4},
+        undone=renum,
+    )
+    add(
+        "disguise: moe residual rotated",
+        save(root / "moe-atk-rot", checked(rotate_residual(base, 65), base, "rotated")),
+        one,
+        "identical",
+        undone=["residual rotation"],
+    )
+    both = checked(permute_experts(rotate_residual(base, 66), 67), base, "rotated and renumbered")
+    add(
+        "disguise: moe rotated, experts renumbered, fused",
+        save(root / "moe-atk-rot-renum", fused(both)),
+        one,
+        "identical",
+        undone=["residual rotation", *renum],
+    )
+    add(
+        "disguise: moe fine-tune rotated",
+        save(root / "moe-atk-ft-rot", rotate_residual(ft1, 68)),
+        one,
+        "derived",
+        parent="base",
+        undone=["residual rotation"],
+    )
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        add(f"unrelated moe seeds {a} vs {b}", p[f"moe-{b}"], {f"seed{a}": p[f"moe-{a}"]}, "unrelated")
+    add(
+        "disguise: unrelated moe, experts renumbered (control)",
+        save(root / "moe-atk-other-renum", permute_experts(other, 69)),
+        one,
+        "unrelated",
+    )
+    add(
+        "disguise: unrelated moe, rotated and renumbered (control)",
+        save(root / "moe-atk-other-rot-renum", permute_experts(rotate_residual(other, 70), 71)),
+        one,
+        "unrelated",
+    )
