@@ -25,12 +25,38 @@ from safetensors.torch import load_file, save_file
 from benchmarks.tinyllama import corpus
 
 MOE = {"hidden": 128, "inter": 128, "layers": 4, "heads": 4, "kv": 2, "head_dim": 32, "experts": 8, "topk": 2, "vocab": 256}
+#: Qwen3.5-397B-A17B's architecture in miniature: Gated DeltaNet linear attention in three layers of
+#: four, gated full attention in the fourth, a shared expert beside the routed ones, and norms
+#: that multiply by (1 + w) (stored near 0)
+QWEN35 = MOE | {"arch": "qwen3_5_moe", "layer_types": ["linear_attention"] * 3 + ["full_attention"]}
 EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 def config(cfg: dict = MOE):
     from transformers import Qwen3MoeConfig
 
+    if cfg.get("arch") == "qwen3_5_moe":
+        from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import Qwen3_5MoeTextConfig
+
+        return Qwen3_5MoeTextConfig(
+            vocab_size=cfg["vocab"],
+            hidden_size=cfg["hidden"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            num_key_value_heads=cfg["kv"],
+            head_dim=cfg["head_dim"],
+            linear_key_head_dim=cfg["head_dim"],
+            linear_value_head_dim=cfg["head_dim"],
+            linear_num_key_heads=cfg["kv"],
+            linear_num_value_heads=cfg["heads"],
+            moe_intermediate_size=cfg["inter"],
+            shared_expert_intermediate_size=cfg["inter"],
+            num_experts=cfg["experts"],
+            num_experts_per_tok=cfg["topk"],
+            layer_types=cfg["layer_types"],
+            tie_word_embeddings=False,
+            max_position_embeddings=256,
+        )
     return Qwen3MoeConfig(
         vocab_size=cfg["vocab"],
         hidden_size=cfg["hidden"],
@@ -53,14 +79,15 @@ def _model(w: dict[str, torch.Tensor] | None, seed: int, cfg: dict):
     """A Qwen3MoeForCausalLM with weights `w` (per-expert names), or freshly initialised from `seed`."""
     import tempfile
 
-    from transformers import Qwen3MoeForCausalLM
+    import transformers
 
+    cls = transformers.Qwen3_5MoeForCausalLM if cfg.get("arch") == "qwen3_5_moe" else transformers.Qwen3MoeForCausalLM
     torch.manual_seed(seed)
     if w is None:
-        return Qwen3MoeForCausalLM(config(cfg)).float()
+        return cls(config(cfg)).float()
     with tempfile.TemporaryDirectory() as d:
         save(Path(d), w, cfg)
-        return Qwen3MoeForCausalLM.from_pretrained(d, dtype=torch.float32)
+        return cls.from_pretrained(d, dtype=torch.float32)
 
 
 def _weights(m, cfg: dict) -> dict[str, torch.Tensor]:
@@ -110,14 +137,14 @@ def save(folder: Path, w: dict[str, torch.Tensor], cfg: dict = MOE) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in w.items()}, str(folder / "model.safetensors"))
     c = config(cfg).to_dict()
-    c["architectures"] = ["Qwen3MoeForCausalLM"]
+    c["architectures"] = ["Qwen3_5MoeForCausalLM" if cfg.get("arch") == "qwen3_5_moe" else "Qwen3MoeForCausalLM"]
     (folder / "config.json").write_text(json.dumps(c))
     return folder
 
 
 def logits(w: dict, cfg: dict = MOE, seed: int = 0) -> torch.Tensor:
     """The model's logits on a fixed window of held-out text: what a disguise must leave unchanged."""
-    m = _model(w, 0, cfg).eval()
+    m = _model(w, 0, cfg if "model.layers.0.linear_attn.out_proj.weight" not in w else QWEN35).eval()
     data = corpus("ft-c")
     g = torch.Generator().manual_seed(seed)
     s = torch.randint(0, len(data) - 65, (4,), generator=g)
@@ -141,6 +168,22 @@ def fused(w: dict) -> dict:
     return out
 
 
+def per_expert(w: dict) -> dict:
+    """The inverse of `fused`: each fused expert tensor split into one matrix per expert."""
+    out = {}
+    for k, v in w.items():
+        m = re.match(r"^(.+\.experts)\.(gate_up_proj|down_proj)$", k)
+        if m is None or v.ndim != 3:
+            out[k] = v
+        elif m[2] == "down_proj":
+            out |= {f"{m[1]}.{e}.down_proj.weight": v[e] for e in range(v.shape[0])}
+        else:
+            half = v.shape[1] // 2
+            out |= {f"{m[1]}.{e}.gate_proj.weight": v[e, :half] for e in range(v.shape[0])}
+            out |= {f"{m[1]}.{e}.up_proj.weight": v[e, half:] for e in range(v.shape[0])}
+    return out
+
+
 def permute_experts(w: dict, seed: int) -> dict:
     """Experts renumbered in every layer, the router's rows with them: the same function."""
     g = torch.Generator().manual_seed(seed)
@@ -157,35 +200,38 @@ def permute_experts(w: dict, seed: int) -> dict:
 
 
 def _readers(w: dict, p: str) -> list[str]:
-    """The matrices of layer prefix `p` that read the post-attention norm: router and experts' gate/up."""
-    return [
-        k
-        for k in w
-        if k.startswith(p + "mlp.") and (k.endswith(("gate_proj.weight", "up_proj.weight")) or k == p + "mlp.gate.weight")
-    ]
+    """The matrices of layer prefix `p` that read the post-attention norm: router, experts' and
+    shared expert's gate/up, the shared expert's gate."""
+    mlp = [k for k in w if k.startswith(p + "mlp.")]
+    return [k for k in mlp if k.endswith(("gate_proj.weight", "up_proj.weight", "mlp.gate.weight", "shared_expert_gate.weight"))]
 
 
 def rotate_residual(w: dict, seed: int) -> dict:
-    """Norm gains folded into their readers (attention, router, experts), then the residual
-    stream rotated by a random orthogonal matrix: the same function (benchmarks/attacks.py
-    does the same to a dense model)."""
+    """Norm gains folded into their readers (attention or linear attention, router, experts,
+    shared expert; a (1 + w) gain where the model's norms multiply by it), then the residual
+    stream rotated by a random orthogonal matrix: the same function (benchmarks/attacks.py does
+    the same to a dense model)."""
     from benchmarks.attacks import _orthogonal
 
     g = torch.Generator().manual_seed(seed)
     x = {k: v.double() for k, v in w.items()}
+    offset = 1.0 if "model.layers.0.linear_attn.out_proj.weight" in w else 0.0  # Qwen3.5: (1 + w)
     h = x["model.embed_tokens.weight"].shape[1]
     q = _orthogonal(h, g)
+
+    def fold(norm: str, readers: list[str]) -> None:
+        for r in readers:
+            x[r] = x[r] * (x[norm] + offset) @ q
+        x[norm] = torch.full_like(x[norm], 1.0 - offset)
+
     layers = sorted({k.split(".mlp.")[0] + "." for k in w if ".mlp.gate.weight" in k})
     for p in layers:
-        attn = [p + f"self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj")]
-        for norm, readers in ((p + "input_layernorm.weight", attn), (p + "post_attention_layernorm.weight", _readers(w, p))):
-            for r in readers:
-                x[r] = x[r] * x[norm] @ q
-            x[norm] = torch.ones_like(x[norm])
-        for k in [p + "self_attn.o_proj.weight"] + [k for k in w if k.startswith(p + "mlp.") and k.endswith("down_proj.weight")]:
+        attn = [k for k in w if k.startswith(p) and re.search(r"(self_attn\.[qkv]_proj|linear_attn\.in_proj_\w+)\.weight$", k)]
+        fold(p + "input_layernorm.weight", attn)
+        fold(p + "post_attention_layernorm.weight", _readers(w, p))
+        for k in [k for k in w if k.startswith(p) and re.search(r"(o_proj|out_proj|down_proj)\.weight$", k)]:
             x[k] = q.T @ x[k]
-    x["lm_head.weight"] = x["lm_head.weight"] * x["model.norm.weight"] @ q
-    x["model.norm.weight"] = torch.ones_like(x["model.norm.weight"])
+    fold("model.norm.weight", ["lm_head.weight"])
     x["model.embed_tokens.weight"] = x["model.embed_tokens.weight"] @ q
     return {k: v.to(w[k].dtype) for k, v in x.items()}
 
@@ -304,3 +350,63 @@ def cases(root: Path, add, mergekit) -> None:
         one,
         "unrelated",
     )
+
+
+def qwen35_cases(root: Path, add) -> None:
+    """Qwen3.5-MoE in miniature (QWEN35: linear attention, a shared expert, (1 + w) norms): a
+    fused BF16 copy, a fine-tune, the disguises, and unrelated controls."""
+    cfg = QWEN35
+
+    def built(name: str, make) -> dict[str, torch.Tensor]:
+        f = root / name / "model.safetensors"
+        if f.exists():
+            return load_file(str(f))
+        w = make()
+        save(root / name, w, cfg)
+        return w
+
+    def checked(w: dict, before: dict, what: str) -> dict:
+        ref = logits(before, cfg)
+        err = float((logits(w, cfg) - ref).abs().max() / ref.abs().max())
+        assert err < 1e-4, f"{what}: the disguise changed the function ({err:.1e})"
+        return w
+
+    base = built("q35-0", lambda: train(None, "pretrain", steps=150, lr=3e-3, seed=0, cfg=cfg))
+    other = built("q35-1", lambda: train(None, "pretrain", steps=150, lr=3e-3, seed=1, cfg=cfg))
+    ft = built("q35-ft1", lambda: finetune(base, "ft-a", 11, cfg=cfg))
+    one = {"base": root / "q35-0"}
+    bf16 = {k: v.to(torch.bfloat16) for k, v in fused(base).items()}
+    add("qwen3.5-moe fused bf16 copy", save(root / "q35-bf16", bf16, cfg), one, "identical")
+    add(
+        "qwen3.5-moe fine-tune vs base",
+        root / "q35-ft1",
+        {"base": root / "q35-0", "seed1": root / "q35-1"},
+        "derived",
+        parent="base",
+    )
+    for name, w, truth in (
+        (
+            "experts renumbered",
+            checked(permute_experts(base, 81), base, "renumbered"),
+            {"expect": "identical", "undone": ["experts renumbered"]},
+        ),
+        (
+            "residual rotated",
+            checked(rotate_residual(base, 82), base, "rotated"),
+            {"expect": "identical", "undone": ["residual rotation"]},
+        ),
+        (
+            "rotated, experts renumbered, fused",
+            fused(checked(permute_experts(rotate_residual(base, 83), 84), base, "rotated and renumbered")),
+            {"expect": "identical", "undone": ["residual rotation", "experts renumbered"]},
+        ),
+        (
+            "fine-tune rotated, experts renumbered",
+            checked(permute_experts(rotate_residual(ft, 85), 86), ft, "fine-tune disguised"),
+            {"expect": "derived", "parent": "base", "undone": ["residual rotation", "experts renumbered"]},
+        ),
+        ("unrelated, rotated and renumbered (control)", permute_experts(rotate_residual(other, 87), 88), {"expect": "unrelated"}),
+    ):
+        folder = root / ("q35-atk-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
+        add(f"disguise: qwen3.5-moe {name}", save(folder, w, cfg), one, **truth)
+    add("unrelated qwen3.5-moe seeds 0 vs 1", root / "q35-1", {"seed0": root / "q35-0"}, "unrelated")

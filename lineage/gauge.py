@@ -46,12 +46,13 @@ READS = re.compile(
     r"((self_attn\.(q_proj|k_proj|v_proj))|(mlp\.(gate_proj|up_proj|w1|w3|gate))|lm_head|"
     r"experts\.\d+\.(gate_proj|up_proj|w1|w3)|shared_experts?\.(gate_proj|up_proj)|shared_expert_gate|"
     r"block_sparse_moe\.gate|"
+    r"linear_attn\.in_proj_(qkvz|qkv|z|ba|a|b)|"
     r"attention\.self\.(query|key|value)|intermediate\.dense|pooler\.dense|"
     r"position_embeddings|token_type_embeddings|wpe)\.weight$"
 )
 #: Matrices whose rows write to the residual stream (their output is the hidden dimension).
 WRITES = re.compile(
-    r"(self_attn\.o_proj|mlp\.(down_proj|w2)|experts\.\d+\.(down_proj|w2)|shared_experts?\.down_proj|"
+    r"(self_attn\.o_proj|linear_attn\.out_proj|mlp\.(down_proj|w2)|experts\.\d+\.(down_proj|w2)|shared_experts?\.down_proj|"
     r"attention\.output\.dense|(?<!attention\.)output\.dense)\.weight$"
 )
 #: Routed experts fused into one tensor per layer: gate_up [E, 2I, hidden] reads, down [E, hidden, I] writes.
@@ -63,7 +64,10 @@ WRITE_BIAS = re.compile(r"(self_attn\.o_proj|mlp\.down_proj|attention\.output\.d
 
 #: Which norm's gain each reader absorbs (pre-norm layouts), by the reader's canonical name.
 FOLDS = (
-    (re.compile(r"^(.*layers\.\d+\.)self_attn\.(q_proj|k_proj|v_proj)\.weight$"), r"\1input_layernorm.weight"),
+    (
+        re.compile(r"^(.*layers\.\d+\.)(self_attn\.(q_proj|k_proj|v_proj)|linear_attn\.in_proj_(qkvz|qkv|z|ba|a|b))\.weight$"),
+        r"\1input_layernorm.weight",
+    ),
     (re.compile(r"^(.*layers\.\d+\.)mlp\.(gate_proj|up_proj|gate)\.weight$"), r"\1post_attention_layernorm.weight"),
     (
         re.compile(
@@ -78,8 +82,19 @@ FOLDS = (
 
 
 #: Model types whose norms multiply by (1 + w) rather than w (the gain folded is 1 + w). Gemma 2
-#: and 3 do too, but their sandwich norms rule rotations out (explain/gauge.prenorm).
-OFFSET_GAIN_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+#: and 3's sandwich norms rule rotations out (explain/gauge.prenorm).
+OFFSET_GAIN_TYPES = (
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+    # Qwen3-Next and Qwen3.5 (Qwen3.5-397B-A17B): zero-centred gains, stored near 0
+    "qwen3_next",
+    "qwen3_5",
+    "qwen3_5_text",
+    "qwen3_5_moe",
+    "qwen3_5_moe_text",
+)
 
 
 @dataclass(frozen=True)
@@ -100,7 +115,7 @@ def role(name: str) -> str | None:
         return "reads"
     if WRITES.search(c) or FUSED_WRITES.search(c):
         return "writes"
-    if NORM.search(c) and not re.search(r"(q_norm|k_norm)\.", c):
+    if NORM.search(c) and not re.search(r"(q_norm|k_norm|linear_attn\.norm)\.", c):
         return "norm"
     if WRITE_BIAS.search(c):
         return "vec"

@@ -97,3 +97,31 @@ def test_a_blend_with_its_experts_renumbered_keeps_its_weights(models):
     assert v["verdict"] == "blend" and "experts renumbered" in v["undone"]
     w = {p["name"]: p["weight"] for p in v["parents"]}
     assert abs(w["ft1"] - 0.6) < 0.01 and abs(w["ft2"] - 0.4) < 0.01
+
+
+def test_qwen35_moe_in_disguise_is_seen_through(tmp_path):
+    """Qwen3.5-397B-A17B's architecture in miniature (linear attention in three layers of four, a
+    shared expert, norms that multiply by 1 + w): rotated with its experts renumbered and stored
+    fused, a copy is identical with both disguises named; an unrelated model so disguised is not."""
+    cfg = moe.QWEN35
+    base = moe.train(None, "pretrain", steps=80, lr=3e-3, seed=0, cfg=cfg)
+    other = moe.train(None, "pretrain", steps=80, lr=3e-3, seed=1, cfg=cfg)
+    both = moe.permute_experts(moe.rotate_residual(base, 5), 6)
+    ref = moe.logits(base, cfg)
+    assert (moe.logits(both, cfg) - ref).abs().max() < 1e-4 * ref.abs().max()
+    bp = moe.save(tmp_path / "base", base, cfg)
+    for name, w, expect in (
+        ("copy", moe.fused(both), "identical"),
+        ("other", moe.permute_experts(moe.rotate_residual(other, 7), 8), "unrelated"),
+    ):
+        ms = ModelSet.from_dict(
+            {
+                "name": "q35",
+                "suspects": [{"name": "suspect", "source": str(moe.save(tmp_path / name, w, cfg))}],
+                "candidates": [{"name": "base", "source": str(bp)}],
+            }
+        )
+        (v,) = run_local(ms, tmp_path / f"{name}-out")
+        assert v["verdict"] == expect, name
+        if expect == "identical":
+            assert {"residual rotation", "experts renumbered"} <= set(v["undone"])
