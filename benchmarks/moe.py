@@ -314,6 +314,13 @@ def cases(root: Path, add, mergekit) -> None:
         undone=renum,
     )
     add(
+        "disguise: moe router rows shifted, experts renumbered",
+        save(root / "moe-atk-shift-renum", checked(permute_experts(shift_router(base, 72), 73), base, "router shifted")),
+        one,
+        "identical",
+        undone=[*renum, "router rows shifted"],
+    )
+    add(
         "disguise: moe residual rotated",
         save(root / "moe-atk-rot", checked(rotate_residual(base, 65), base, "rotated")),
         one,
@@ -410,3 +417,15 @@ def qwen35_cases(root: Path, add) -> None:
         folder = root / ("q35-atk-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))
         add(f"disguise: qwen3.5-moe {name}", save(folder, w, cfg), one, **truth)
     add("unrelated qwen3.5-moe seeds 0 vs 1", root / "q35-1", {"seed0": root / "q35-0"}, "unrelated")
+
+
+def shift_router(w: dict, seed: int) -> dict:
+    """One random vector added to every row of each router: a softmax router's logits all move by
+    the same amount per token, so it picks the same experts with the same weights."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(w)
+    for k, v in w.items():
+        if k.endswith(".mlp.gate.weight"):
+            shift = v.double().std() * torch.randn(1, v.shape[1], generator=g, dtype=torch.float64)
+            out[k] = (v.double() + shift).to(v.dtype)
+    return out

@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, replace
 
 from lineage.decode import decoded
+from lineage.dtypes import DTYPES
 from lineage.errors import LineageError, where
 from lineage.gauge import Gain, Gauge
 from lineage.geometry import View, pieces
@@ -86,6 +87,12 @@ class ExpertMatch:
     perm: tuple[int, ...]
     corr_before: float  # router rows (mean row removed) by index
     corr_after: float  # and re-paired
+    #: the suspect's router tensor; |s - mean row - (c - mean row) re-paired| / |s|, and what rounding
+    #: allows of it (both sides' unit roundoff: the evader recomputed the shifted rows): a router
+    #: within it differs from the parent's by one vector added to every row, if at all
+    tensor: str = ""
+    rel_centered: float = math.inf
+    tol: float = 0.0
 
     @property
     def identity(self) -> bool:
@@ -120,6 +127,7 @@ class ExpertMatchItem:
             raise LineageError(f"router above {MAX_ROUTER_ELEMENTS} elements")
         s = decoded(reader, self.s_view, 0, self.s_view.rows).double()
         c = decoded(reader, self.c_view, 0, self.c_view.rows).double()
+        norm = float(s.norm())
         if self.gains is not None:
             s, c = (
                 x * (decoded(reader, g.view, 0, g.view.rows).reshape(1, -1).double() + g.offset)
@@ -131,4 +139,8 @@ class ExpertMatchItem:
         perm = match_rows(s, c, opts.chunk_bytes)
         if perm is None:
             return None
-        return ExpertMatch(self.candidate, self.prefix, tuple(perm.tolist()), _corr(s, c), _corr(s, c[perm]))
+        rel = float((s - c[perm]).norm()) / max(norm, 1e-300)
+        tol = DTYPES[self.s_view.dtype].unit_roundoff + DTYPES[self.c_view.dtype].unit_roundoff if self.gauge is None else 0.0
+        return ExpertMatch(
+            self.candidate, self.prefix, tuple(perm.tolist()), _corr(s, c), _corr(s, c[perm]), self.s_view.label, rel, tol
+        )

@@ -66,6 +66,26 @@ def test_a_copy_with_its_experts_renumbered_is_identical_in_either_layout(models
     assert v["verdict"] == "identical" and "experts renumbered" in v["undone"]
 
 
+def test_router_rows_shifted_by_one_vector_are_a_copy(models):
+    """Adding one vector to every row of a softmax router changes no routing decision: with the
+    experts renumbered as well, the copy is identical with both named; a fine-tune so shifted
+    stays derived, and a router shifted unevenly is no copy."""
+    root, base, _, ft = models
+    shifted = moe.shift_router(base, 1)
+    ref = moe.logits(base)
+    assert (moe.logits(shifted) - ref).abs().max() < 1e-4 * ref.abs().max()
+    v = audit(root, moe.permute_experts(shifted, 2), {"base": base}, "shift-renum")
+    assert v["verdict"] == "identical" and v["undone"] == ["experts renumbered", "router rows shifted"]
+    v = audit(root, moe.shift_router(ft, 3), {"base": base}, "ft-shift")
+    assert v["verdict"] == "derived" and "router rows shifted" not in (v.get("undone") or [])
+    uneven = dict(base)
+    for k in base:
+        if k.endswith("mlp.gate.weight"):
+            uneven[k] = base[k] + 0.01 * base[k].std() * torch.randn(base[k].shape, generator=torch.Generator().manual_seed(4))
+    v = audit(root, uneven, {"base": base}, "router-noise")
+    assert v["verdict"] == "derived"
+
+
 def test_a_fine_tune_with_its_experts_renumbered_is_derived_and_unrelated_models_stay_unrelated(models):
     root, base, other, ft = models
     v = audit(root, moe.permute_experts(ft, 4), {"base": base, "other": other}, "ft-renum")

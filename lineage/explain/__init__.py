@@ -7,9 +7,12 @@ before any blend is fitted; among blends the most specific signature wins:
 sparse, then a merge trained afterwards, then task arithmetic, then Model
 Stock, then slerp, then linear; derived is what a
 related suspect is when no blend explains it). Refiners then amend that
-answer: a layer map, then undone permutations, then a residual stream
-permuted or rotated (explain/gauge.py) and, in that gauge, permutations again, then per-head and per-unit
-disguises seen through their invariant products (explain/invariants.py).
+answer: a layer map, then a mixture of experts' experts renumbered and its
+routers shifted (explain/experts.py), then undone permutations, then a
+residual stream permuted or rotated (explain/gauge.py; renumbered experts
+matched in its gauge) and, in that gauge, permutations again, then per-head
+and per-unit disguises seen through their invariant products
+(explain/invariants.py).
 
 Adding a way of explaining a suspect: one file with an `Explanation`
 subclass (see base.py), and one line here.
@@ -27,7 +30,7 @@ from collections.abc import Callable, Generator
 from lineage.explain.base import Explainer
 from lineage.explain.derived import Derived
 from lineage.explain.evidence import Candidate, Evidence
-from lineage.explain.experts import ExpertMatching, ExpertMatchingInGauge, ExpertRefit
+from lineage.explain.experts import ExpertMatching, ExpertMatchingInGauge, ExpertRefit, RouterShift
 from lineage.explain.gauge import GaugeEstimate, GaugeRefit
 from lineage.explain.identical import Identical
 from lineage.explain.invariants import Invariants
@@ -59,6 +62,7 @@ REGISTRY: tuple[Explainer, ...] = (
     LayerMap(),
     ExpertMatching(),
     ExpertRefit(),
+    RouterShift(),
     Permutations(),
     GaugeEstimate(),
     ExpertMatchingInGauge(),

@@ -44,6 +44,8 @@ EXPERT_CANDIDATES = 3
 REFIT_ITEM_BYTES = 256 << 20
 
 MATCHES, MATCHES_IN_GAUGE, GROUPS = "experts.matches", "experts.matches in gauge", "experts.groups"
+#: Every router matching of the plain comparison, kept or not (RouterShift reads them)
+ROUTERS = "experts.routers"
 
 
 def _routers(model) -> dict[str, object]:
@@ -113,9 +115,10 @@ def kept(ev: Evidence, verdict: dict | None, results: list, key: str) -> dict | 
     for r in results:
         if isinstance(r, str):
             verdict.setdefault("warnings", []).append(r)  # type: ignore[union-attr]
-        elif (
-            r is not None and not r.identity and r.corr_after >= GAUGE_MIN_CORR and r.corr_after - r.corr_before >= GAUGE_MIN_GAIN
-        ):
+            continue
+        if r is not None and key == MATCHES:
+            ev.memo(ROUTERS, dict).setdefault(r.candidate, {})[r.prefix] = r
+        if r is not None and not r.identity and r.corr_after >= GAUGE_MIN_CORR and r.corr_after - r.corr_before >= GAUGE_MIN_GAIN:
             found.setdefault(r.candidate, {})[r.prefix] = r
     return verdict
 
@@ -215,6 +218,53 @@ class ExpertRefit:
                 v2[key] = verdict[key]
         ev.memo(EVIDENCE, lambda: ev2)
         return v2
+
+
+class RouterShift:
+    """A `derived` suspect that is the parent, its routers aside, within rounding, and whose
+    routers equal the parent's (experts re-paired where they were renumbered) up to one vector
+    added to every row, is a copy: a softmax router picks the same experts with the same
+    weights after such a shift, so an evader may make one. `identical`, named in `undone`."""
+
+    name = "router shift"
+    refines = True
+
+    def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
+        from lineage.explain.gauge import EVIDENCE
+        from lineage.explain.permutation import derived_parent, identical_after
+
+        name = derived_parent(verdict)
+        routers = ev.memo(ROUTERS, dict).get(name, {})
+        # the routers of the adopted matching, else those matched as they are numbered
+        adopted = ((verdict or {}).get("experts") or {}).get(name, {}).get("adopted")
+        shifted = {m.tensor: 0.0 for m in routers.values() if m.rel_centered <= m.tol and (m.identity or adopted)}
+        if name is None or not shifted:
+            return verdict
+        worst = identical_after(ev.memo(EVIDENCE, lambda: ev), name, [_Overrides(shifted)])
+        if worst is None:
+            return verdict
+        largest = max(m.rel_centered for m in routers.values() if m.tensor in shifted)
+        prior = list(verdict.get("undone") or [])
+        with_prior = f" (with the {', '.join(prior)} undone)" if prior else ""
+        verdict["verdict"] = "identical"
+        verdict["undone"] = prior + ["router rows shifted"]
+        verdict["explanation"] = (
+            f"{ev.suspect} is a copy of {name} in disguise{with_prior}: the rows of {len(shifted)} "
+            f"router{'s' if len(shifted) != 1 else ''} are shifted by one vector each (which changes no routing "
+            f"decision); less their mean row they are within storage rounding of {name}'s (largest relative "
+            f"distance {largest:.2g}), and every other tensor is within storage rounding (largest {worst:.2g})."
+        )
+        return verdict
+
+    def requests(self, ev: Evidence, verdict: dict | None) -> list:
+        return []
+
+
+class _Overrides:
+    """The distances identical_after takes instead of the rows' (permutation.Permutation's field)."""
+
+    def __init__(self, rel_after: dict[str, float]) -> None:
+        self.rel_after = rel_after
 
 
 class ExpertMatchingInGauge:
