@@ -123,6 +123,11 @@ class AuditPlan:
             if prev.get("fingerprint") != fp:
                 for m in self.suspects + self.candidates:
                     was = (prev.get("sources") or {}).get(m.name, {}).get("commit")
+                    if was and m.commit and was != m.commit and m.source.startswith("s3://"):
+                        raise LineageError(
+                            f"{out_dir}: the objects under {m.source} changed (size or modification time) since this "
+                            "output_dir was written; audit into a new output_dir"
+                        )
                     if was and m.commit and was != m.commit:
                         raise LineageError(
                             f"{out_dir}: {m.source} has moved from commit {was} to {m.commit} since this output_dir was "

@@ -38,11 +38,18 @@ def read_json_beside(model: Model | str | Path, name: str, cap: int) -> tuple[di
     path: Path | str = Path(root) / name
     try:
         if is_remote(root):
-            from lineage.remote.hub import read_beside
-
             path = f"{root}/{name}"
-            size = model.files.get(name, {}).get("size") if isinstance(model, Model) else None
-            raw = read_beside(root, name, size, cap)
+            stat = model.files.get(name) if isinstance(model, Model) else None
+            if root.startswith("s3://"):
+                from lineage.remote.s3 import read_object
+
+                if stat is None:
+                    return None, None
+                raw = read_object(path, cap, (stat["size"], stat.get("mtime_ns", 0)), name)
+            else:
+                from lineage.remote.hub import read_beside
+
+                raw = read_beside(root, name, stat.get("size") if stat else None, cap)
             if raw is None:
                 return None, None
         else:

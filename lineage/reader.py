@@ -76,7 +76,13 @@ class Reader:
                 got = (
                     copy
                     if copy is not None
-                    else open_remote(path, stamp.size if stamp else 0, stamp.etag if stamp else None, self.remote)
+                    else open_remote(
+                        path,
+                        stamp.size if stamp else 0,
+                        stamp.etag if stamp else None,
+                        self.remote,
+                        stamp.mtime_ns if stamp else 0,
+                    )
                 )
                 self._remote[path] = got
             return got if isinstance(got, str) else None

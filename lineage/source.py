@@ -1,7 +1,8 @@
 """Resolve a model `source` to its tensors, reading headers only.
 
 A source is a local folder (one `.safetensors` file, or shards with a
-`*.safetensors.index.json`), a single local file, or `hf://ORG/NAME[@REV]`.
+`*.safetensors.index.json`), a single local file, `hf://ORG/NAME[@REV]`, or a
+folder in an S3-compatible object store, `s3://BUCKET/PREFIX` (remote/s3.py).
 The index is parsed and checked before any shard is opened (huggingface_hub's
 rule): shard paths must be relative and stay inside the model folder, every
 shard must exist, and every key must be in the shard the index names. A key
@@ -71,6 +72,10 @@ def resolve(name: str, source: str) -> Model:
         from lineage.remote.hub import resolve_hub
 
         return resolve_hub(name, source)
+    if source.startswith("s3://"):
+        from lineage.remote.s3 import resolve_s3
+
+        return resolve_s3(name, source)
     root = Path(os.path.expanduser(source))
     if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
         trusted = root.parent.parent  # a Hugging Face cache snapshot: its files link to ../../blobs

@@ -4,8 +4,9 @@ A remote file is named by its URL (a Hugging Face `resolve` URL at a commit
 hash, so the bytes behind it never change). What reads it is one small
 interface, `RangeFile`: `fetch(offset, out)` fills `out` with exactly the
 bytes at `offset` or raises. `http.HttpRangeFile` implements it for HTTP(S)
-(the hub and anything that serves ranges); an object store (s3://, gs://)
-is one more implementation registered in `open_remote`.
+(the hub and anything that serves ranges), `s3.S3RangeFile` for S3-compatible
+object stores (`s3://`); another store (gs://) is one more implementation
+registered in `open_remote`.
 
 Who fetches what: the driver fetches only headers, indexes and config.json
 (remote/hub.py); each worker fetches the byte ranges of its own units
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-REMOTE_SCHEMES = ("http://", "https://")
+REMOTE_SCHEMES = ("http://", "https://", "s3://")
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,15 @@ def is_remote(path: str) -> bool:
     return path.startswith(REMOTE_SCHEMES)
 
 
-def open_remote(url: str, size: int, etag: str | None, opts: RemoteOptions) -> RangeFile:
-    """The RangeFile for `url` (an expected size and ETag, checked on every response)."""
+def open_remote(url: str, size: int, etag: str | None, opts: RemoteOptions, mtime_ns: int = 0) -> RangeFile:
+    """The RangeFile for `url` (an expected size and ETag, checked on every response; for an
+    object store, the size and modification time, checked when it is first read)."""
     from lineage.remote.http import HttpRangeFile
 
     if url.startswith(("http://", "https://")):
         return HttpRangeFile(url, size, etag, opts)
+    if url.startswith("s3://"):
+        from lineage.remote.s3 import S3RangeFile
+
+        return S3RangeFile(url, size, mtime_ns or None, opts)
     raise ValueError(f"{url}: no reader for this scheme (known: {', '.join(REMOTE_SCHEMES)})")
