@@ -283,7 +283,9 @@ def decide_all(plan: AuditPlan, out_dir: Path, run_units: RunUnits, unit_bytes: 
         v = decide_with(ev, lambda items: run_items(items, run_units, unit_bytes))
         if s.name in plan.screened:
             o = plan.screened[s.name]
-            v["screened_out"] = [{"name": n, **o["candidates"].get(n, {})} for n in o["dropped"]]
+            # a parent a refiner found under a disguise (which screening by name cannot see) is not listed
+            named = {p["name"] for p in v.get("parents", [])}
+            v["screened_out"] = [{"name": n, **o["candidates"].get(n, {})} for n in o["dropped"] if n not in named]
         if rel := relations.of(s.name):
             v["relations"] = rel
         v["sources"] = {m.name: m.record() for m in [s, *plan.candidates]}

@@ -4,7 +4,8 @@ A platform audits every upload against a pool of known bases; for most
 uploads most of the pool is plainly unrelated, and fitting every candidate
 against every tensor would read the whole pool for each. With a pool larger
 than `screen_above`, a first pass reads a small fraction (`fraction`) of a
-few large matrices per layer (the ROLES largest), of every suspect and every
+few large matrices per layer (the ROLES largest; a mixture of experts' routed
+experts only where nothing else is left), of every suspect and every
 candidate (batches of at most the kernel's candidate limit, each batch read
 once for all the suspects that pair with it), and measures each candidate's
 z against the permutation null as the full fit does. A candidate is kept
@@ -24,6 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from lineage.align import Group
+from lineage.experts import experts_prefix
 from lineage.explain.evidence import median
 from lineage.explain.thresholds import Z_SIG
 from lineage.fit import single
@@ -55,7 +57,9 @@ def screening_groups(groups: list[Group]) -> list[Group]:
             by_layer[(g.suspect, g.layer)].append(g)
     out: list[Group] = []
     for _, gs in sorted(by_layer.items()):
-        for g in sorted(gs, key=lambda g: (-g.view.nbytes, g.tensor))[:ROLES]:  # type: ignore[union-attr]
+        # a routed expert's matrices last: renumbering the experts (explain/experts.py) would hide a
+        # parent from a screening that compared only them, and a layer's attention cannot be renumbered
+        for g in sorted(gs, key=lambda g: (experts_prefix(g.tensor) is not None, -g.view.nbytes, g.tensor))[:ROLES]:  # type: ignore[union-attr]
             paired = g.paired
             for lo in range(0, len(paired), BATCH):
                 batch = tuple(paired[lo : lo + BATCH])

@@ -145,3 +145,25 @@ def test_qwen35_moe_in_disguise_is_seen_through(tmp_path):
         assert v["verdict"] == expect, name
         if expect == "identical":
             assert {"residual rotation", "experts renumbered"} <= set(v["undone"])
+
+
+def test_disguised_copies_are_found_in_a_screened_pool(models, tmp_path):
+    """A bulk audit against a pool larger than `bulk.screen_above` screens by name first: a copy
+    with renumbered experts still keeps its parent (its attention screens it in) beside a
+    sibling numbered as the copy is, and a rotated copy, whose parent screening drops, is found
+    by the gauge all the same (not listed as screened out once it is the parent)."""
+    _, base, other, ft = models
+    pool = {"base": base, "other": other, "ft-numbered-as-the-copy": moe.permute_experts(ft, 11)}
+    pool |= {f"init{s}": moe.train(None, "pretrain", steps=0, lr=0.0, seed=s) for s in (2, 3)}
+    cands = [{"name": n, "source": str(moe.save(tmp_path / n, w))} for n, w in pool.items()]
+    sus = {"renum": moe.permute_experts(base, 11), "rot": moe.rotate_residual(base, 12)}
+    ms = ModelSet.from_dict(
+        {
+            "name": "pool",
+            "suspects": [{"name": n, "source": str(moe.save(tmp_path / n, w))} for n, w in sus.items()],
+            "candidates": cands,
+        }
+    )
+    for v in run_local(ms, tmp_path / "out"):
+        assert v["verdict"] == "identical" and v["parents"][0]["name"] == "base", v["suspect"]
+        assert "base" not in [s["name"] for s in v["screened_out"]] and len(v["screened_out"]) >= 2

@@ -1,9 +1,9 @@
 """Refiners: experts renumbered (with their router rows) to hide a mixture of experts' origin.
 
 `ExpertMatching` asks, for a suspect that is not already a copy or a blend,
-each candidate with routers of the same shape (the parent of a `derived`
-verdict; otherwise up to EXPERT_CANDIDATES candidates, most significant
-first) for its layers' expert matching (experts.ExpertMatchItem: the
+up to EXPERT_CANDIDATES candidates with routers of the same shape (the
+parent of a `derived` verdict first, then the most significant) for their
+layers' expert matching (experts.ExpertMatchItem: the
 routers only). A matching is kept when it is not the identity, and the
 routers correlate at GAUGE_MIN_CORR or more once re-paired and by
 GAUGE_MIN_GAIN more than before (the thresholds of the residual gauge,
@@ -38,8 +38,9 @@ from lineage.layout import fused_key, per_expert_key
 from lineage.plan import Item
 from lineage.rows import SCHEMA, tensor_row
 
-#: Candidates whose routers are matched when the verdict names no parent.
-EXPERT_CANDIDATES = 3
+#: Candidates whose routers are matched when the verdict names no parent (the most related
+#: first; routers are small, and a pool's screened-out candidates count too).
+EXPERT_CANDIDATES = 8
 #: Largest fit item of the re-paired comparison (bytes, suspect and candidates).
 REFIT_ITEM_BYTES = 256 << 20
 
@@ -62,10 +63,13 @@ class ExpertMatching:
     def targets(self, ev: Evidence, verdict: dict | None) -> list[str]:
         if verdict is None or verdict["verdict"] in ("identical", "blend") or not ev.models:
             return []
-        if verdict["verdict"] == "derived":
-            return [verdict["parents"][0]["name"]] if not verdict.get("layer_map") else []
-        ranked = sorted(ev.reps, key=lambda n: -ev.per[n].frac_significant)
-        return ranked[:EXPERT_CANDIDATES]
+        if verdict.get("layer_map"):
+            return []
+        # the parent first: a fine-tune with its experts renumbered; then the others, for a copy
+        # of one of them that another candidate, numbered as the copy is, now looks closest to
+        first = [verdict["parents"][0]["name"]] if verdict["verdict"] == "derived" else []
+        ranked = sorted((n for n in ev.reps if n not in first), key=lambda n: -ev.per[n].frac_significant)
+        return (first + ranked)[:EXPERT_CANDIDATES]
 
     def requests(self, ev: Evidence, verdict: dict | None) -> list:
         return match_items(ev, self.targets(ev, verdict))
