@@ -320,6 +320,31 @@ def cases(root: Path, add, mergekit) -> None:
         "identical",
         undone=[*renum, "router rows shifted"],
     )
+    units = ["mlp units permutation"]
+    add(
+        "disguise: moe units permuted in every expert",
+        save(root / "moe-atk-units", checked(permute_expert_units(base, 74), base, "units permuted")),
+        one,
+        "identical",
+        undone=units,
+    )
+    add(
+        "disguise: moe expert units permuted, experts renumbered",
+        save(
+            root / "moe-atk-units-renum", checked(permute_experts(permute_expert_units(base, 75), 76), base, "units, renumbered")
+        ),
+        one,
+        "identical",
+        undone=[*units, *renum],
+    )
+    add(
+        "disguise: moe fine-tune, expert units permuted",
+        save(root / "moe-atk-ft-units", permute_expert_units(ft1, 77)),
+        one,
+        "derived",
+        parent="base",
+        undone=units,
+    )
     add(
         "disguise: moe residual rotated",
         save(root / "moe-atk-rot", checked(rotate_residual(base, 65), base, "rotated")),
@@ -428,4 +453,21 @@ def shift_router(w: dict, seed: int) -> dict:
         if k.endswith(".mlp.gate.weight"):
             shift = v.double().std() * torch.randn(1, v.shape[1], generator=g, dtype=torch.float64)
             out[k] = (v.double() + shift).to(v.dtype)
+    return out
+
+
+def permute_expert_units(w: dict, seed: int) -> dict:
+    """Every expert's (and the shared expert's) hidden units permuted: gate/up rows and down
+    columns by one permutation per expert: the same function."""
+    g = torch.Generator().manual_seed(seed)
+    out = dict(w)
+    for k in w:
+        m = re.match(r"^(.+\.(?:experts\.\d+|shared_expert))\.gate_proj\.weight$", k)
+        if m is None:
+            continue
+        p = m[1]
+        perm = torch.randperm(w[k].shape[0], generator=g)
+        out[p + ".gate_proj.weight"] = w[p + ".gate_proj.weight"][perm]
+        out[p + ".up_proj.weight"] = w[p + ".up_proj.weight"][perm]
+        out[p + ".down_proj.weight"] = w[p + ".down_proj.weight"][:, perm]
     return out

@@ -86,6 +86,22 @@ def test_router_rows_shifted_by_one_vector_are_a_copy(models):
     assert v["verdict"] == "derived"
 
 
+def test_units_permuted_inside_every_expert_are_undone(models):
+    """Each expert's hidden units permuted (gate/up rows, down columns): the copy keeps little
+    by name (inconclusive at first) and is identical once they are undone, also with its experts
+    renumbered; a fine-tune so disguised is derived."""
+    root, base, _, ft = models
+    units = moe.permute_expert_units(base, 5)
+    ref = moe.logits(base)
+    assert (moe.logits(units) - ref).abs().max() < 1e-4 * ref.abs().max()
+    v = audit(root, units, {"base": base}, "units")
+    assert v["verdict"] == "identical" and v["undone"] == ["mlp units permutation"]
+    v = audit(root, moe.permute_experts(moe.permute_expert_units(base, 6), 7), {"base": base}, "units-renum")
+    assert v["verdict"] == "identical" and set(v["undone"]) == {"mlp units permutation", "experts renumbered"}
+    v = audit(root, moe.permute_expert_units(ft, 8), {"base": base}, "ft-units")
+    assert v["verdict"] == "derived" and v["parents"][0]["name"] == "base"
+
+
 def test_a_fine_tune_with_its_experts_renumbered_is_derived_and_unrelated_models_stay_unrelated(models):
     root, base, other, ft = models
     v = audit(root, moe.permute_experts(ft, 4), {"base": base, "other": other}, "ft-renum")

@@ -20,18 +20,22 @@ import math
 import re
 
 from lineage.align import Index
+from lineage.experts import experts_prefix, renumbered
 from lineage.explain.evidence import Evidence
+from lineage.explain.experts import MATCHES
 from lineage.explain.thresholds import (
     IDENTICAL_COVERAGE,
     MAX_PERMUTATION_ELEMENTS,
     MAX_PERMUTATION_SEARCH,
+    RELATED_FRAC,
     TYPICAL_CORR_QUANTILE,
     UNMATCHED_CORR,
+    Z_SIG,
 )
 from lineage.geometry import View
-from lineage.layout import canonical, layer_prefix
+from lineage.layout import canonical, layer_prefix, per_expert_key
 from lineage.modelconfig import head_dim
-from lineage.unpermute import PermutationItem
+from lineage.unpermute import Permutation, PermutationItem
 
 #: Matrices whose rows are an MLP's hidden units, and those whose columns are.
 UNIT_ROWS = re.compile(r"(mlp\.(gate_proj|up_proj|w1|w3|fc1)|intermediate\.dense)\.weight$")
@@ -39,6 +43,8 @@ UNIT_COLS = re.compile(r"(mlp\.(down_proj|w2|fc2)|(?<!attention\.)output\.dense)
 ATTN_Q = re.compile(r"(self_attn\.q_proj|attention\.self\.query)\.weight$")
 ATTN_KV = re.compile(r"(self_attn\.(k_proj|v_proj)|attention\.self\.(key|value))\.weight$")
 ATTN_O = re.compile(r"(self_attn\.o_proj|attention\.output\.dense)\.weight$")
+#: A mixture of experts' MLPs: each routed expert (units permuted within it) and the shared expert.
+EXPERT_UNITS = re.compile(r"(experts\.\d+\.|shared_experts?\.)(gate_proj|up_proj|w1|w3|down_proj|w2)\.weight$")
 
 
 def classify(name: str) -> tuple[str, str, str] | None:
@@ -47,6 +53,8 @@ def classify(name: str) -> tuple[str, str, str] | None:
     p = layer_prefix(name)
     if p is None:
         return None
+    if m := EXPERT_UNITS.search(c):
+        return c[: m.end(1)], "mlp units", "cols" if m.group(2) in ("down_proj", "w2") else "rows"
     if UNIT_ROWS.search(c):
         return p, "mlp units", "rows"
     if UNIT_COLS.search(c):
@@ -69,9 +77,14 @@ def unmatched(ev: Evidence, parent: str) -> list[str]:
         c = r.cand(parent)
         if c is not None and c.status == "ok":
             corr[r.tensor] = c.corr or 0.0
-    ranked = sorted(corr.values())
-    typical = ranked[int(TYPICAL_CORR_QUANTILE * (len(ranked) - 1))] if ranked else 0.0
+    typical = typical_corr(corr.values())
     return [t for t, c in corr.items() if c < UNMATCHED_CORR * typical][:MAX_PERMUTATION_SEARCH]
+
+
+def typical_corr(corrs) -> float:
+    """The TYPICAL_CORR_QUANTILE of the matrices' correlations: the level matched matrices reach."""
+    ranked = sorted(corrs)
+    return ranked[int(TYPICAL_CORR_QUANTILE * (len(ranked) - 1))] if ranked else 0.0
 
 
 def derived_parent(verdict: dict | None) -> str | None:
@@ -85,11 +98,18 @@ class Permutations:
     name = "permutation"
     refines = True
 
-    def parent(self, verdict: dict | None) -> str | None:
-        return derived_parent(verdict)
+    def parent(self, verdict: dict | None, ev: Evidence | None = None) -> str | None:
+        """A derived verdict's parent; for an inconclusive one, the candidate related on most (but
+        fewer than half) of the matrices: a mixture of experts whose experts' units are permuted
+        keeps little else by name."""
+        name = derived_parent(verdict)
+        if name is None and ev is not None and verdict is not None and verdict["verdict"] == "inconclusive":
+            partial = [n for n in ev.reps if 0 < ev.per[n].frac_significant < RELATED_FRAC]
+            name = max(partial, key=lambda n: ev.per[n].frac_significant, default=None)
+        return name
 
     def requests(self, ev: Evidence, verdict: dict | None) -> list:
-        name = self.parent(verdict)
+        name = self.parent(verdict, ev)
         if name is None or not ev.models:
             return []
         return self.plan(ev, ev, name)
@@ -113,12 +133,14 @@ class Permutations:
         if hd is None and why and any(w != "mlp units" for _, w in groups):
             ev.warnings.append(f"attention heads not searched for permutations: {why}")
         s_ix, p_ix = Index.build(suspect), Index.build(parent)
+        renum = ev.memo(MATCHES, dict).get(name, {})  # experts renumbered (explain/experts.py): their parents
         items: list[PermutationItem] = []
         for (_, what), tensors in sorted(groups.items()):
             unit = 1 if what == "mlp units" else hd
             mats = []
             for t, kind in tensors.items():
-                se, pe = suspect.tensors[t], p_ix.by_name.get(canonical(t))
+                m = renum.get(experts_prefix(t) or "") if per_expert_key(t) is not None else None
+                se, pe = suspect.tensors[t], p_ix.by_name.get(canonical(renumbered(t, m.perm) if m else t))
                 if pe is None or pe.shape != se.shape or len(se.shape) != 2 or math.prod(se.shape) > MAX_PERMUTATION_ELEMENTS:
                     continue
                 mats.append((t, View((s_ix.seg(se),)), View((p_ix.seg(pe),)), kind))
@@ -139,7 +161,7 @@ class Permutations:
         return items
 
     def apply(self, ev: Evidence, verdict: dict | None, results: list) -> dict | None:
-        name = self.parent(verdict)
+        name = self.parent(verdict, ev)
         if name is None or verdict is None:
             return None
         return self.amend(ev, ev, verdict, name, results)
@@ -171,17 +193,63 @@ class Permutations:
         )
         prior = list(verdict.get("undone") or [])
         verdict["undone"] = prior + [f"{w} permutation" for w in sorted({p.what for p in found})]
+        renum = ev.memo(MATCHES, dict).get(name, {})
+        if renum and any(per_expert_key(t) is not None for p in found for t in p.tensors):
+            # units searched in experts re-paired by the router matching: their routers re-paired too
+            found = [*found, _Routers({m.tensor: m.rel_centered for m in renum.values()})]
+            if "experts renumbered" not in verdict["undone"]:
+                verdict["undone"].append("experts renumbered")
         worst = identical_after(used, name, found)
         if worst is not None:
             verdict["verdict"] = "identical"
+            if not verdict.get("parents"):  # it was inconclusive: the parent is named now
+                from lineage.explain.base import components, one_parent
+
+                verdict["parents"] = one_parent(used, name)
+                verdict["components"], layers = components(used, verdict["parents"])
+                if layers:
+                    verdict["layers"] = layers
             lead = f" (with the {', '.join(prior)} undone)" if prior else ""
             verdict["explanation"] = (
                 f"{ev.suspect} is a copy of {name} in disguise{lead}: {undone}; {corr}, and every tensor is then within "
                 f"storage rounding of {name}'s (largest relative distance {worst:.2g})."
             )
             return verdict
+        if verdict["verdict"] == "inconclusive" and related_after(used, name, found):
+            from lineage.explain.base import components, one_parent
+
+            verdict["verdict"] = "derived"
+            verdict["parents"] = one_parent(used, name)
+            verdict["components"], layers = components(used, verdict["parents"])
+            if layers:
+                verdict["layers"] = layers
+            verdict["explanation"] = (
+                f"{ev.suspect} derives from {name} in disguise: {undone}; {corr}, as its other matrices do, so that "
+                f"at least {RELATED_FRAC:.0%} of its matrices relate to {name}; beyond storage rounding."
+            )
+            return verdict
         verdict["explanation"] += f" {undone[0].upper()}{undone[1:]}; {corr}."
         return verdict
+
+
+class _Routers:
+    """Router distances once the experts are re-paired (identical_after reads `rel_after`)."""
+
+    def __init__(self, rel_after: dict[str, float]) -> None:
+        self.rel_after = rel_after
+        self.tensors: list[str] = []
+
+
+def related_after(ev: Evidence, parent: str, found: list) -> bool:
+    """Whether, the permutations undone, at least RELATED_FRAC of the suspect's matrices relate to
+    `parent`: significant as they are, or searched and matching, once undone, at the level the
+    significant ones reach (UNMATCHED_CORR of their typical correlation)."""
+    mats = {r.tensor: r.cand(parent) for r in ev.matrices if r.ndim >= 2}
+    mats = {t: c for t, c in mats.items() if c is not None and c.status == "ok"}
+    sig = {t for t, c in mats.items() if (c.z or 0.0) >= Z_SIG}
+    typical = typical_corr(c.corr or 0.0 for t, c in mats.items() if t in sig)
+    fixed = {t for p in found for t in p.tensors if isinstance(p, Permutation) and p.corr_after >= UNMATCHED_CORR * typical}
+    return bool(mats) and len(sig | (fixed & set(mats))) >= RELATED_FRAC * len(mats)
 
 
 def identical_after(ev: Evidence, parent: str, found: list) -> float | None:
@@ -211,7 +279,7 @@ class PermutationsInGauge(Permutations):
 
     name = "permutation in gauge"
 
-    def parent(self, verdict: dict | None) -> str | None:
+    def parent(self, verdict: dict | None, ev: Evidence | None = None) -> str | None:
         name = super().parent(verdict)
         return name if name is not None and verdict is not None and verdict.get("gauge") else None
 
