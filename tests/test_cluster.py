@@ -18,6 +18,7 @@ import duckdb
 import pytest
 
 from jobs.audit import run
+from tests.common import kill_matching
 from tests.test_pipeline import settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,24 +40,6 @@ def env() -> dict:
     return e
 
 
-def kill_matching(needle: str) -> None:
-    """Stop every process whose command line names `needle` (our head's private temp dir)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in os.listdir("/proc"):
-            if not pid.isdigit():
-                continue
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if needle.encode() in cmd and int(pid) != os.getpid():
-                try:
-                    os.kill(int(pid), sig)
-                except ProcessLookupError:
-                    pass
-        time.sleep(1)
-
-
 def dataset_counts(out: Path) -> tuple[int, int]:
     q = f"select count(*), count(distinct tensor) from read_parquet('{out}/tensors/**/*.parquet')"
     return duckdb.connect().execute(q).fetchone()
@@ -71,7 +54,9 @@ def head():
         str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=2", f"--temp-dir={tmp}",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env={**env(), "TMPDIR": tmp}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 90
