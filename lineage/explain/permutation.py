@@ -70,14 +70,18 @@ def classify(name: str) -> tuple[str, str, str] | None:
 
 def unmatched(ev: Evidence, parent: str) -> list[str]:
     """Suspect matrices that correlate with `parent` far below its typical matched level."""
-    corr = {}
+    corr, sig = {}, []
     for r in ev.matrices:
         if r.ndim != 2:
             continue
         c = r.cand(parent)
         if c is not None and c.status == "ok":
             corr[r.tensor] = c.corr or 0.0
-    typical = typical_corr(corr.values())
+            if (c.z or 0.0) >= Z_SIG:
+                sig.append(corr[r.tensor])
+    # the level the significant matrices reach: in a mixture of experts whose experts' units are
+    # permuted, nearly every matrix is disguised, and a quantile over all of them would be one of those
+    typical = typical_corr(sig)
     return [t for t, c in corr.items() if c < UNMATCHED_CORR * typical][:MAX_PERMUTATION_SEARCH]
 
 
