@@ -236,6 +236,24 @@ def rotate_residual(w: dict, seed: int) -> dict:
     return {k: v.to(w[k].dtype) for k, v in x.items()}
 
 
+def _built(root: Path, name: str, make, cfg: dict) -> dict[str, torch.Tensor]:
+    """A trained model, made once per folder (training is deterministic; `--keep` reuses them)."""
+    f = root / name / "model.safetensors"
+    if f.exists():
+        return load_file(str(f))
+    w = make()
+    save(root / name, w, cfg)
+    return w
+
+
+def _checked(w: dict, before: dict, what: str, cfg: dict) -> dict:
+    """`w`, once running it shows the disguise left the function of `before` unchanged."""
+    ref = logits(before, cfg)
+    err = float((logits(w, cfg) - ref).abs().max() / ref.abs().max())
+    assert err < 1e-4, f"{what}: the disguise changed the function ({err:.1e})"
+    return w
+
+
 def cases(root: Path, add, mergekit) -> None:
     """The evaluation set's mixtures of experts (when transformers is installed): copies in both
     expert layouts, a fine-tune, blends (torch and mergekit), the MoE disguises (experts
@@ -243,18 +261,10 @@ def cases(root: Path, add, mergekit) -> None:
     function-preserving), and unrelated controls."""
 
     def built(name: str, make) -> dict[str, torch.Tensor]:
-        f = root / name / "model.safetensors"
-        if f.exists():
-            return load_file(str(f))
-        w = make()
-        save(root / name, w)
-        return w
+        return _built(root, name, make, MOE)
 
     def checked(w: dict, before: dict, what: str) -> dict:
-        ref = logits(before)
-        err = float((logits(w) - ref).abs().max() / ref.abs().max())
-        assert err < 1e-4, f"{what}: the disguise changed the function ({err:.1e})"
-        return w
+        return _checked(w, before, what, MOE)
 
     def bf16(w: dict) -> dict:
         return {k: v.to(torch.bfloat16) for k, v in w.items()}
@@ -390,18 +400,10 @@ def qwen35_cases(root: Path, add) -> None:
     cfg = QWEN35
 
     def built(name: str, make) -> dict[str, torch.Tensor]:
-        f = root / name / "model.safetensors"
-        if f.exists():
-            return load_file(str(f))
-        w = make()
-        save(root / name, w, cfg)
-        return w
+        return _built(root, name, make, cfg)
 
     def checked(w: dict, before: dict, what: str) -> dict:
-        ref = logits(before, cfg)
-        err = float((logits(w, cfg) - ref).abs().max() / ref.abs().max())
-        assert err < 1e-4, f"{what}: the disguise changed the function ({err:.1e})"
-        return w
+        return _checked(w, before, what, cfg)
 
     base = built("q35-0", lambda: train(None, "pretrain", steps=150, lr=3e-3, seed=0, cfg=cfg))
     other = built("q35-1", lambda: train(None, "pretrain", steps=150, lr=3e-3, seed=1, cfg=cfg))

@@ -244,7 +244,7 @@ class RouterShift:
         shifted = {m.tensor: 0.0 for m in routers.values() if m.rel_centered <= m.tol and (m.identity or adopted)}
         if name is None or not shifted:
             return verdict
-        worst = identical_after(ev.memo(EVIDENCE, lambda: ev), name, [_Overrides(shifted)])
+        worst = identical_after(ev.memo(EVIDENCE, lambda: ev), name, [Overrides(shifted)])
         if worst is None:
             return verdict
         largest = max(m.rel_centered for m in routers.values() if m.tensor in shifted)
@@ -264,11 +264,13 @@ class RouterShift:
         return []
 
 
-class _Overrides:
-    """The distances identical_after takes instead of the rows' (permutation.Permutation's field)."""
+class Overrides:
+    """Distances that explain/permutation.identical_after takes instead of the rows' (it reads
+    `rel_after`, as on a permutation.Permutation; no tensors of its own were permuted)."""
 
     def __init__(self, rel_after: dict[str, float]) -> None:
         self.rel_after = rel_after
+        self.tensors: list[str] = []
 
 
 class ExpertMatchingInGauge:

@@ -22,7 +22,7 @@ import re
 from lineage.align import Index
 from lineage.experts import experts_prefix, renumbered
 from lineage.explain.evidence import Evidence
-from lineage.explain.experts import MATCHES
+from lineage.explain.experts import MATCHES, Overrides
 from lineage.explain.thresholds import (
     IDENTICAL_COVERAGE,
     MAX_PERMUTATION_ELEMENTS,
@@ -200,7 +200,7 @@ class Permutations:
         renum = ev.memo(MATCHES, dict).get(name, {})
         if renum and any(per_expert_key(t) is not None for p in found for t in p.tensors):
             # units searched in experts re-paired by the router matching: their routers re-paired too
-            found = [*found, _Routers({m.tensor: m.rel_centered for m in renum.values()})]
+            found = [*found, Overrides({m.tensor: m.rel_centered for m in renum.values()})]
             if "experts renumbered" not in verdict["undone"]:
                 verdict["undone"].append("experts renumbered")
         worst = identical_after(used, name, found)
@@ -234,14 +234,6 @@ class Permutations:
             return verdict
         verdict["explanation"] += f" {undone[0].upper()}{undone[1:]}; {corr}."
         return verdict
-
-
-class _Routers:
-    """Router distances once the experts are re-paired (identical_after reads `rel_after`)."""
-
-    def __init__(self, rel_after: dict[str, float]) -> None:
-        self.rel_after = rel_after
-        self.tensors: list[str] = []
 
 
 def related_after(ev: Evidence, parent: str, found: list) -> bool:
