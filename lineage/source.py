@@ -92,6 +92,38 @@ def resolve(name: str, source: str) -> Model:
     return _from_folder(name, source, root, trusted)
 
 
+def pick_shards(
+    source: str, names: list[str], read_index, where: str, pickle_hint: str = ""
+) -> tuple[list[str], dict[str, str] | None]:
+    """(shards, weight map or None) of a remote model folder listing `names` (sorted naturally):
+    its index, read by `read_index(name) -> (url, weight map)`, or every .safetensors file.
+    Shared by the hub (remote/hub.py) and object stores (remote/s3.py); `where` ("in ORG/NAME at
+    COMMIT", "under s3://...") places the folder in the messages."""
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    if len(indexes) > 1:
+        if "model.safetensors.index.json" not in indexes:
+            raise LineageError(f"{source}: several index files ({', '.join(indexes)}); point the source at one model")
+        indexes = ["model.safetensors.index.json"]
+    weight_map = None
+    if indexes:
+        url, weight_map = read_index(indexes[0])
+        shards = sorted(set(weight_map.values()), key=natural_key)
+        present = set(names)
+        for key, shard in weight_map.items():
+            if shard not in present:
+                raise LineageError(f"{url} [{key}]: shard {shard!r} is missing {where}")
+    else:
+        shards = [n for n in names if n.endswith(".safetensors")]
+    if not shards:
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise LineageError(
+                f"{source}: only pickle checkpoints ({', '.join(pickles[:3])}); lineage never unpickles model files{pickle_hint}"
+            )
+        raise LineageError(f"{source}: no .safetensors files {where}")
+    return shards, weight_map
+
+
 def parse_hf(source: str) -> tuple[str, str | None]:
     """(repo_id, revision or None) of `hf://ORG/NAME[@REV]`."""
     spec = source[len(HF_SCHEME) :]

@@ -30,7 +30,7 @@ from lineage.files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, Stamp, read_small
 from lineage.header import MAX_HEADER_BYTES, Header, header_length, parse_header_bytes, read_header_bytes
 from lineage.remote import RemoteOptions
 from lineage.remote.http import HttpRangeFile, read_document
-from lineage.source import PICKLE_SUFFIXES, Model, assemble, cached_snapshot, natural_key, parse_hf, parse_index
+from lineage.source import Model, assemble, cached_snapshot, natural_key, parse_hf, parse_index, pick_shards
 
 
 def endpoint() -> str:
@@ -77,29 +77,13 @@ def resolve_hub(name: str, source: str, opts: RemoteOptions | None = None) -> Mo
     opts = opts or RemoteOptions()
     top = sorted((p for p in tree if "/" not in p), key=natural_key)
     warnings: list[str] = []
-    indexes = [p for p in top if p.endswith(".safetensors.index.json")]
-    if len(indexes) > 1:
-        if "model.safetensors.index.json" not in indexes:
-            raise LineageError(f"{source}: several index files ({', '.join(indexes)}); point the source at one model")
-        indexes = ["model.safetensors.index.json"]
-    weight_map = None
-    if indexes:
-        url = file_url(repo_id, indexes[0], commit)
-        weight_map = parse_index(read_document(url, MAX_INDEX_BYTES, tree[indexes[0]].size, "index", opts), url, warnings)
-        shards = sorted(set(weight_map.values()), key=natural_key)
-        for key, shard in weight_map.items():
-            if shard not in tree:
-                raise LineageError(f"{url} [{key}]: shard {shard!r} is missing from {repo_id} at {commit}")
-    else:
-        shards = [p for p in top if p.endswith(".safetensors")]
-    if not shards:
-        pickles = [p for p in top if p.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise LineageError(
-                f"{source}: only pickle checkpoints ({', '.join(pickles[:3])}); lineage never unpickles model files. "
-                "Use the safetensors revision the hub's conversion bot publishes (refs/pr/N), or convert them in a sandbox"
-            )
-        raise LineageError(f"{source}: no .safetensors files at {commit}")
+
+    def read_index(name: str) -> tuple[str, dict[str, str]]:
+        url = file_url(repo_id, name, commit)
+        return url, parse_index(read_document(url, MAX_INDEX_BYTES, tree[name].size, "index", opts), url, warnings)
+
+    hint = ". Use the safetensors revision the hub's conversion bot publishes (refs/pr/N), or convert them in a sandbox"
+    shards, weight_map = pick_shards(source, top, read_index, f"in {repo_id} at {commit}", hint)
     headers: dict[str, tuple[str, Header]] = {}
     files = {}
     for shard in shards:

@@ -156,7 +156,7 @@ def _objects(source: str) -> dict[str, tuple[int, int]]:
 def resolve_s3(name: str, source: str, opts: RemoteOptions | None = None):
     """The model at `s3://BUCKET/PREFIX` (a folder of shards, or one .safetensors object), from
     its listing and headers only (see module docstring)."""
-    from lineage.source import PICKLE_SUFFIXES, assemble, natural_key, parse_index
+    from lineage.source import assemble, natural_key, parse_index, pick_shards
 
     opts = opts or RemoteOptions()
     objects = _objects(source)
@@ -167,28 +167,12 @@ def resolve_s3(name: str, source: str, opts: RemoteOptions | None = None):
         raise LineageError(f"{source}: no objects under this prefix")
     names = sorted(objects, key=natural_key)
     warnings: list[str] = []
-    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
-    if len(indexes) > 1:
-        if "model.safetensors.index.json" not in indexes:
-            raise LineageError(f"{source}: several index files ({', '.join(indexes)}); point the source at one model")
-        indexes = ["model.safetensors.index.json"]
-    weight_map = None
-    if indexes and not single:
-        url = f"{root}/{indexes[0]}"
-        weight_map = parse_index(read_object(url, MAX_INDEX_BYTES, objects[indexes[0]], "index", opts), url, warnings)
-        shards = sorted(set(weight_map.values()), key=natural_key)
-        for k, shard in weight_map.items():
-            if shard not in objects:
-                raise LineageError(f"{url} [{k}]: shard {shard!r} is missing under {root}")
-    else:
-        shards = [n for n in names if n.endswith(".safetensors")]
-    if not shards:
-        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise LineageError(
-                f"{source}: only pickle checkpoints ({', '.join(pickles[:3])}); lineage never unpickles model files"
-            )
-        raise LineageError(f"{source}: no .safetensors objects")
+
+    def read_index(n: str) -> tuple[str, dict[str, str]]:
+        url = f"{root}/{n}"
+        return url, parse_index(read_object(url, MAX_INDEX_BYTES, objects[n], "index", opts), url, warnings)
+
+    shards, weight_map = pick_shards(source, names, read_index, f"under {root}")
     headers: dict[str, tuple[str, Header]] = {}
     files = {}
     for shard in shards:
