@@ -18,6 +18,12 @@ and decides again on the evidence with those rows replaced. The matching
 is adopted when that verdict ranks higher (a copy, a fine-tune, where it
 was unrelated or inconclusive) or, for the same verdict, relates the parent
 more closely; the verdict then names it (`experts`, `undone`).
+
+`RouterShift` makes a `derived` suspect a copy when only its routers differ
+from the parent's, each by one vector added to every row (no softmax
+routing decision changes). `ExpertMatchingInGauge` matches the routers of a
+candidate in the suspect's residual gauge once one is estimated (a rotated
+and renumbered model), for the gauge's refit to re-pair the experts.
 """
 
 from __future__ import annotations
