@@ -63,3 +63,17 @@ def open_remote(url: str, size: int, etag: str | None, opts: RemoteOptions, mtim
 
         return S3RangeFile(url, size, mtime_ns or None, opts)
     raise ValueError(f"{url}: no reader for this scheme (known: {', '.join(REMOTE_SCHEMES)})")
+
+
+def ranged_header(rf: RangeFile, size: int, stamp):
+    """A shard's safetensors header by two range reads of `rf`: the 8-byte length first, checked
+    against the 100 MB cap and the file's size before the header itself is read, then the
+    header, parsed and checked as a local one is (header.py). Hub and object store alike."""
+    from lineage.header import MAX_HEADER_BYTES, header_length, parse_header_bytes
+
+    head = bytearray(min(8, size))
+    rf.fetch(0, memoryview(head))
+    n = header_length(bytes(head), rf.url, size, MAX_HEADER_BYTES)
+    raw = bytearray(n)
+    rf.fetch(8, memoryview(raw))
+    return parse_header_bytes(bytes(raw), rf.url, size, stamp)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from lineage.errors import LineageError
 from lineage.files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, Stamp, read_small
-from lineage.header import MAX_HEADER_BYTES, Header, header_length, parse_header_bytes, read_header_bytes
-from lineage.remote import RemoteOptions
+from lineage.header import Header, parse_header_bytes, read_header_bytes
+from lineage.remote import RemoteOptions, ranged_header
 from lineage.remote.http import HttpRangeFile, read_document
 from lineage.source import Model, assemble, cached_snapshot, natural_key, parse_hf, parse_index, pick_shards
 
@@ -109,13 +109,7 @@ def remote_header(url: str, repo_id: str, shard: str, commit: str, size: int, et
     if local is not None:
         raw, _ = read_header_bytes(local)
         return parse_header_bytes(raw, url, size, stamp)
-    rf = HttpRangeFile(url, size, etag, opts)
-    head = bytearray(min(8, size))
-    rf.fetch(0, memoryview(head))
-    n = header_length(bytes(head), url, size, MAX_HEADER_BYTES)
-    raw = bytearray(n)
-    rf.fetch(8, memoryview(raw))
-    return parse_header_bytes(bytes(raw), url, size, stamp)
+    return ranged_header(HttpRangeFile(url, size, etag, opts), size, stamp)
 
 
 def cached_file(repo_id: str, filename: str, commit: str, size: int | None = None) -> str | None:

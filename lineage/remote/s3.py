@@ -27,8 +27,8 @@ from functools import cache
 
 from lineage.errors import LineageError
 from lineage.files import MAX_INDEX_BYTES, Stamp
-from lineage.header import MAX_HEADER_BYTES, Header, header_length, parse_header_bytes
-from lineage.remote import RemoteOptions
+from lineage.header import Header
+from lineage.remote import RemoteOptions, ranged_header
 
 S3_SCHEME = "s3://"
 #: Largest single read; bigger reads are split and read `concurrency` at a time (as over HTTP).
@@ -193,13 +193,7 @@ def resolve_s3(name: str, source: str, opts: RemoteOptions | None = None):
 def object_header(url: str, size: int, mtime_ns: int, opts: RemoteOptions) -> Header:
     """A shard's header by two range reads: the length (checked against the cap and the size
     before anything more is read), then the header."""
-    rf = S3RangeFile(url, size, mtime_ns, opts)
-    head = bytearray(min(8, size))
-    rf.fetch(0, memoryview(head))
-    n = header_length(bytes(head), url, size, MAX_HEADER_BYTES)
-    raw = bytearray(n)
-    rf.fetch(8, memoryview(raw))
-    return parse_header_bytes(bytes(raw), url, size, Stamp(size, mtime_ns, None))
+    return ranged_header(S3RangeFile(url, size, mtime_ns, opts), size, Stamp(size, mtime_ns, None))
 
 
 def read_object(url: str, cap: int, stat: tuple[int, int] | None, what: str, opts: RemoteOptions | None = None) -> bytes:
