@@ -354,11 +354,43 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
             "merge_method: della\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\nparameters: {{lambda: 1.0}}\ndtype: bfloat16\n",
             {},
         ),
+        "sce": (
+            "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{select_topk: 0.5}}\ndtype: bfloat16\n",
+            {},
+        ),
+        "nuslerp": (
+            "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\ndtype: bfloat16\n",
+            {"ft1": 0.6, "ft2": 0.4},
+        ),
+        "multislerp": (
+            "merge_method: multislerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\ndtype: bfloat16\n",
+            {"ft1": 0.6, "ft2": 0.4},
+        ),
+        "karcher": (
+            "merge_method: karcher\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: bfloat16\n",
+            {"ft1": 0.5, "ft2": 0.5},
+        ),
+        "breadcrumbs_ties": (
+            "merge_method: breadcrumbs_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5, gamma: 0.01}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5, gamma: 0.01}}\ndtype: bfloat16\n",
+            {},
+        ),
+        "della_linear": (
+            "merge_method: della_linear\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\nparameters: {{lambda: 1.0}}\ndtype: bfloat16\n",
+            {},
+        ),
+        "nearswap": (
+            "merge_method: nearswap\nbase_model: {ft1}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{t: 0.001}}\ndtype: bfloat16\n",
+            {},
+        ),
+        "arcee_fusion": (
+            "merge_method: arcee_fusion\nbase_model: {ft1}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\ndtype: bfloat16\n",
+            {},
+        ),
     }
     for method, (tmpl, weights) in mk.items() if with_mergekit else []:
         folder = mergekit(root / f"mk-{method}", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
         if folder is not None:
-            family = {"ties": "ties", "breadcrumbs": "breadcrumbs", "della": "della"}.get(method)
+            family = {"ties": "ties", "breadcrumbs": "breadcrumbs", "della": "della", "sce": "sce"}.get(method)
             family = family or ("dare" if method.startswith("dare") else None)
             add(
                 f"mergekit {method}",
@@ -369,6 +401,19 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
                 base="base" if "base_model: {base}" in tmpl else None,
                 family=family,
                 method="model_stock" if method == "model_stock" else None,
+            )
+    if with_mergekit:  # task negation: a fine-tune's delta subtracted, written on the declared base
+        tmpl = "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: -0.5}}\ndtype: bfloat16\n"
+        folder = mergekit(root / "mk-negation", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
+        if folder is not None:
+            add(
+                "mergekit task_arithmetic 1.0/-0.5 (negation)",
+                folder,
+                fam,
+                "blend",
+                {"ft1": 1.0, "ft2": -0.5},
+                method="task_arithmetic",
+                declared="base",
             )
     unrel = {"seed0": paths[0], "seed1": paths[1]}
     sl = {k: slerp(models[0][k], models[1][k], 0.6).to(torch.bfloat16) for k in base}

@@ -370,6 +370,13 @@ def cases(
     )
     if folder is not None:
         add("mergekit model_stock, three fine-tunes", folder, fam3, "blend", method="model_stock", parents={"ft1", "ft2", "ft3"})
+    folder = mk(
+        "w-sce",
+        "merge_method: sce\nbase_model: {deep-0}\nmodels:\n  - model: {deep-ft1}\n  - model: {deep-ft2}\n  - model: {deep-ft3}\n"
+        "parameters: {{select_topk: 0.7}}\ndtype: bfloat16\n",
+    )
+    if folder is not None:
+        add("mergekit sce, three fine-tunes", folder, fam3, "blend", family="sce", parents={"ft1", "ft2", "ft3"})
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:

@@ -235,7 +235,7 @@ def certificate(verdict: dict, cmp: dict, rerun: str) -> dict:
     method = verdict.get("method")
     family = verdict.get("merge_family")
     trained = bool((verdict.get("residual") or {}).get("trained_after"))
-    replayable = (method in DETERMINISTIC or (method == "unknown" and family in ("ties", "breadcrumbs"))) and not trained
+    replayable = (method in DETERMINISTIC or (method == "unknown" and family in ("ties", "breadcrumbs", "sce"))) and not trained
     exact = cmp["within_storage_rounding"] == cmp["tensors"]
     if exact:
         note = "the recipe reproduces every tensor within the storage dtype's rounding"

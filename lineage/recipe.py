@@ -14,6 +14,7 @@ a merge trained afterwards is reproduced only up to that training.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
 
@@ -26,6 +27,7 @@ SPARSE_METHODS = {
     "breadcrumbs": "breadcrumbs",
     "breadcrumbs/della": "breadcrumbs",
     "della": "della",
+    "sce": "sce",
 }
 #: Schedule components -> the mergekit filter that addresses them.
 FILTERS = {"attention": "self_attn", "mlp": "mlp", "expert": "experts", "router": "gate"}
@@ -121,7 +123,12 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
             "base_model": src[v["base"]],
             "models": [{"model": src[p["name"]], "parameters": {"weight": weight(v, p)}} for p in parents],
         }
-        notes.append(f"base {v['base']}: the candidate at a clearly negative weight in the affine fit")
+        if any(p["weight"] < 0 for p in parents):
+            notes.append(
+                f"base {v['base']}: declared in the model set; a negative weight subtracts that model's delta (task negation)"
+            )
+        else:
+            notes.append(f"base {v['base']}: the candidate at a clearly negative weight in the affine fit")
     elif method == "unknown" and v.get("merge_family"):
         fam = v["merge_family"]
         base = v["base"]
@@ -141,6 +148,14 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         }
         if fam == "della":
             cfg["parameters"] = {"epsilon": 0.1}
+        if fam == "sce":  # SCE weighs each parent by its delta's energy, and drops one shared mask
+            for m in cfg["models"]:
+                m.pop("parameters")
+            # 1 - near is a lower bound (a kept delta below the storage rounding also leaves the base's
+            # value): the next multiple of 0.05, as people write it (the certificate checks it)
+            topk = min(1.0, math.ceil(round((1 - near) * 20, 6)) / 20) if near is not None else None
+            cfg["parameters"] = {"select_topk": topk} if topk is not None else {}
+            density = None
         if rw:
             notes.append(
                 f"sparse merge, {fam} family (dropped-delta energy; kept deltas not renormalised): weights are the linear "
@@ -159,6 +174,12 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
             notes.append("gamma (the largest deltas breadcrumbs also drops) is not measured: mergekit's default")
         if fam == "della":
             notes.append("epsilon (the spread of DELLA's keep probabilities) is not measured: 0.1 assumed")
+        if fam == "sce" and near is not None:
+            notes.append(
+                f"select_topk {topk}: {1 - near:.3f} of elements are not at {base}'s value (SCE drops one mask for every "
+                "parent; a kept delta below the storage rounding looks dropped, so this is a lower bound, rounded up to "
+                "the next 0.05); its weights are not parameters (SCE weighs each delta by its energy)"
+            )
         if density:
             notes.append(
                 f"density {density}: estimated from the {near:.2f} of elements left at {base}'s value (both deltas dropped: (1 - d)^2)"

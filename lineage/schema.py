@@ -63,7 +63,7 @@ DOCS: dict[str, dict[str, str]] = {
         "suspect": "suspect model name",
         "verdict": "identical, derived, blend, unrelated or inconclusive",
         "method": "for a blend: linear, slerp, task_arithmetic, unknown (sparsified), passthrough; null otherwise",
-        "merge_family": "for a sparsified merge: ties, dare or ties/dare",
+        "merge_family": "for a sparsified merge: ties, dare, ties/dare, breadcrumbs, della, breadcrumbs/della or sce",
         "base": "the candidate the blend is measured from (task arithmetic, sparse merges, slerp's start)",
         "t": "slerp's t (from the heavier parent toward the lighter)",
         "parents": "parents with weight and 95% interval (one parent at weight 1 for identical and derived)",

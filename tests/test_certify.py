@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,12 +32,12 @@ def family(root: Path) -> tuple[dict[str, Path], dict, dict]:
     return {"base": save(root / "base", base)} | {n: save(root / n, w) for n, w in kids.items()}, base, kids
 
 
-def audit(root: Path, suspect: Path, cands: dict[str, Path]) -> Path:
+def audit(root: Path, suspect: Path, cands: dict[str, Path], declared: str | None = None) -> Path:
     ms = ModelSet.from_dict(
         {
             "name": "c",
             "suspects": [{"name": "suspect", "source": str(suspect)}],
-            "candidates": [{"name": n, "source": str(p)} for n, p in cands.items()],
+            "candidates": [{"name": n, "source": str(p), "base": n == declared} for n, p in cands.items()],
         }
     )
     run_local(ms, root / "out")
@@ -119,6 +120,59 @@ def test_a_dare_merge_is_certified_in_distribution(tmp_path):
         "parameters"
     ]["density"]
     assert abs(final - 0.5) <= 0.04
+
+
+def test_an_sce_merge_is_named_and_its_recipe_reproduces_it(tmp_path):
+    """SCE (mergekit's `sce`) drops one mask for every parent, the elements where the parents
+    agree most, and renormalises the rest by the deltas' energy: the base keeps a share of the
+    linear fit, which names it SCE. Its rerun is deterministic, so the certificate is exact."""
+    paths, base, _ = family(tmp_path / "models")
+    made = mergekit(
+        tmp_path,
+        f"merge_method: sce\nbase_model: {paths['base']}\nmodels:\n  - model: {paths['a']}\n  - model: {paths['b']}\n"
+        "parameters: {select_topk: 0.5}\ndtype: bfloat16\n",
+    )
+    out = audit(tmp_path, made, paths)
+    v = json.loads((out / "verdicts" / "suspect.json").read_text())
+    assert (v["verdict"], v["merge_family"], v["base"]) == ("blend", "sce", "base")
+    assert {p["name"] for p in v["parents"]} == {"a", "b"}
+    recipe = yaml.safe_load((out / v["recipe"]).read_text())
+    assert (recipe["merge_method"], recipe["parameters"]) == ("sce", {"select_topk": 0.5})
+    r = subprocess.run([LINEAGE, "certify", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
+    assert cert["replayable"] and cert["exact"] and cert["within_storage_rounding"] == cert["tensors"] == len(base)
+
+
+def test_task_negation_is_written_on_the_declared_base(tmp_path):
+    """base + (a - base) - 0.5 (b - base): in affine weights a 1, b -0.5, base 0.5. With base declared
+    the recipe is the one that was run (a negative task weight), and it reruns exactly."""
+    paths, base, _ = family(tmp_path / "models")
+    made = mergekit(
+        tmp_path,
+        f"merge_method: task_arithmetic\nbase_model: {paths['base']}\nmodels:\n  - model: {paths['a']}\n"
+        f"    parameters: {{weight: 1.0}}\n  - model: {paths['b']}\n    parameters: {{weight: -0.5}}\ndtype: bfloat16\n",
+    )
+    out = audit(tmp_path, made, paths, declared="base")
+    v = json.loads((out / "verdicts" / "suspect.json").read_text())
+    assert (v["verdict"], v["method"], v["base"]) == ("blend", "task_arithmetic", "base")
+    w = {p["name"]: p["weight"] for p in v["parents"]}
+    assert set(w) == {"a", "b"} and abs(w["a"] - 1) < 0.01 and abs(w["b"] + 0.5) < 0.01
+    assert re.search(r"- 0\.(49|50)\d x \(b - base\)", v["explanation"]), v["explanation"]
+    r = subprocess.run([LINEAGE, "certify", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
+    assert cert["exact"] and cert["within_storage_rounding"] == cert["tensors"] == len(base)
+
+
+def mergekit(root: Path, config: str) -> Path:
+    """A merge made by mergekit itself from `config`."""
+    cfg, made = root / "merge.yaml", root / "models" / "suspect"
+    cfg.write_text(config)
+    exe = str(Path(sys.executable).parent / "mergekit-yaml")
+    r = subprocess.run([exe, str(cfg), str(made), "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    return made
 
 
 def test_a_merge_of_hub_models_is_certified_from_the_hub(tmp_path, monkeypatch):

@@ -86,12 +86,24 @@ def _blend_fit(ev: Evidence) -> BlendFit:
     # A sparse merge that does not renormalise what it keeps (breadcrumbs; della's per-element
     # rescale) coincides with its base where every delta was dropped, but with no parent: the
     # base then carries a share of the affine fit. A dense blend coincides with no candidate.
-    unnormalised = None
+    # SCE (select, calculate, erase) keeps the same elements of every parent's delta, those where
+    # the parents differ most, and drops the rest for all of them: the suspect coincides with the
+    # base there and, where the kept deltas' signs disagreed, with the one parent whose delta was
+    # kept and renormalised (with more parents, fewer such elements: the parents' coincidence is
+    # then not required). The elements it drops carry the parents' shared delta, so the base
+    # keeps a material, positive share of the affine fit (TIES and DARE leave it none), and the
+    # erased elements leave the fit most of the residual (a dense blend with the base among its
+    # parents, model_stock's, fits within rounding: it is not taken for SCE).
+    unnormalised = shared_mask = None
     if not sparse and material:
         top = max(use, key=lambda n: near.get(n) or 0.0)
         kept = [n for n in material if n != top]
-        if (near.get(top) or 0.0) >= SPARSE_NEAR and len(kept) >= 2 and all((near.get(n) or 0.0) < SPARSE_NEAR for n in kept):
-            sparse, unnormalised = True, top
+        if (near.get(top) or 0.0) >= SPARSE_NEAR and len(kept) >= 2:
+            if all((near.get(n) or 0.0) < SPARSE_NEAR for n in kept):
+                unnormalised = top
+            elif top in material and gain is not None and gain > BLEND_GAIN:
+                shared_mask = top
+            sparse = bool(unnormalised or shared_mask)
     # A merge of two or more models that derive from a base in the pool, trained (or sparsified)
     # afterwards: each carries a large share, and together they carry the whole delta from the
     # base, which keeps no weight (a merge takes its parents' deltas whole; a sibling's delta only
@@ -116,6 +128,7 @@ def _blend_fit(ev: Evidence) -> BlendFit:
         "within_sd": {n: schedules[n]["within_sd"] for n in schedules},
         "sparse": sparse,
         "sparse_unnormalised_base": unnormalised,
+        "sparse_shared_mask_base": shared_mask,
         "trained_after": trained,
         "median_near_frac": near,
         "criteria": {
@@ -154,25 +167,31 @@ def within(w: dict, s: dict) -> dict:
     return {**w, "ci95": [w["mean"] - scaled, w["mean"] + scaled], "schedule_sd": w["sd"], "sd": s["within_sd"]}
 
 
-def blend_parents(ev: Evidence) -> list[dict]:
-    """The blend's material parents, heaviest first, with weights and intervals."""
+def blend_parents(ev: Evidence, names: list[str] | None = None) -> list[dict]:
+    """The blend's material parents (or `names`), heaviest first, with weights and intervals."""
     fit = blend_fit(ev)
-    parents = []
-    skip = fit.evidence.get("sparse_unnormalised_base")  # the base of such a sparse merge is no parent
-    for n in sorted((m for m in fit.material if m != skip), key=lambda n: -fit.weights[n]["mean"]):
-        w = fit.weights[n]
-        p = {
-            "name": n,
-            "weight": round(w["mean"], 6),
-            "ci95": [round(x, 6) for x in w["ci95"]],
-            "sd_across_tensors": round(w.get("schedule_sd", w["sd"]), 6),
-            "sd_within_groups": fit.schedules[n]["within_sd"] if n in fit.schedules else None,
-            "tensors": w["tensors"],
-        }
-        if ev.aliases.get(n):
-            p["aliases"] = ev.aliases[n]
-        parents.append(p)
-    return parents
+    # the base of a sparse merge that keeps a share of the fit (breadcrumbs, DELLA, SCE) is no parent
+    skip = fit.evidence.get("sparse_unnormalised_base") or fit.evidence.get("sparse_shared_mask_base")
+    if names is None:
+        names = [m for m in fit.material if m != skip]
+    return [parent_entry(ev, n) for n in sorted(names, key=lambda n: -fit.weights[n]["mean"])]
+
+
+def parent_entry(ev: Evidence, n: str) -> dict:
+    """One parent as the verdict lists it: its weight, interval, spread and tensor count."""
+    fit = blend_fit(ev)
+    w = fit.weights[n]
+    p = {
+        "name": n,
+        "weight": round(w["mean"], 6),
+        "ci95": [round(x, 6) for x in w["ci95"]],
+        "sd_across_tensors": round(w.get("schedule_sd", w["sd"]), 6),
+        "sd_within_groups": fit.schedules[n]["within_sd"] if n in fit.schedules else None,
+        "tensors": w["tensors"],
+    }
+    if ev.aliases.get(n):
+        p["aliases"] = ev.aliases[n]
+    return p
 
 
 def is_blend(ev: Evidence) -> bool:

@@ -10,6 +10,8 @@ elements where the suspect kept the base's value (`Stats.dropped`); per
 such element, against the parent's average delta energy per element:
 DARE drops at random, so about 1; TIES drops the smallest, far below 1
 (0.2 for a Gaussian delta at density 0.5). SPARSE_FAMILY holds the cuts.
+SCE drops the same elements of every parent (where their deltas agree
+most), which leaves the base a positive share of the fit (blendfit.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ HOW = {
     "ties": "the deltas it dropped are the small ones (TIES trims by magnitude)",
     "dare": "the deltas it dropped are of typical size (DARE drops at random and rescales the rest)",
     "ties/dare": "whether the dropped deltas were the small ones (TIES) or random ones (DARE) is not clear",
+    "sce": (
+        "it dropped the same elements of every parent's delta, where they agree, and kept the base's share of "
+        "their common delta there (SCE selects the elements where the parents differ most)"
+    ),
 }
 
 
@@ -86,7 +92,8 @@ class Sparse(Explanation):
         e = fit.evidence
         rest = [n for n in ev.related if n not in fit.material]
         unnormalised = e.get("sparse_unnormalised_base")
-        b = unnormalised or (ev.declared if ev.declared in rest else (rest[0] if len(rest) == 1 else fit.base))
+        shared = e.get("sparse_shared_mask_base")
+        b = unnormalised or shared or (ev.declared if ev.declared in rest else (rest[0] if len(rest) == 1 else fit.base))
         assert b is not None
         desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
         fam, ratios = family(ev, b, [p["name"] for p in parents])
@@ -95,7 +102,13 @@ class Sparse(Explanation):
         # 1 / density, TIES's and DARE's renormalisation by the weights kept); breadcrumbs keeps them as
         # weighted, DELLA rescales element by element: neither lands on a parent
         ev.analyses["sparse"]["rescaled_to_parent"] = not unnormalised
-        if unnormalised:
+        if shared or (unnormalised and fam != "ties" and b in fit.material):
+            # the base keeps a positive share of the fit, and the dropped deltas are not the small ones:
+            # SCE's one mask over the elements where the parents agree (their delta energy there runs
+            # from half the average, for independent deltas, to nearly all of it for correlated ones;
+            # DELLA's rescaled deltas leave the base a negative share, breadcrumbs drops the small ones)
+            fam = ev.analyses["sparse"]["family"] = "sce"
+        elif unnormalised:
             fam = {"ties": "breadcrumbs", "dare": "della"}.get(fam, "breadcrumbs/della")
             ev.analyses["sparse"]["family"] = fam
             ev.analyses["sparse"]["recipe_weights"] = recipe_weights(ev, b, parents, ratios, fam)

@@ -5,6 +5,12 @@ blend, the base's own weight is 1 - sum_i l_i, negative when the task
 weights sum past 1. A candidate at most -MIN_WEIGHT with its interval
 below 0 is that base. (Weights summing to exactly 1 make the same merge a
 linear one, and it is reported as linear.)
+
+Which candidate is the base is a choice of coordinates: b + (p1 - b) -
+0.5 (p2 - b) is also p2 + (p1 - p2) + 0.5 (b - p2). Where the model set
+declares a base and the fit holds a negative weight, the merge is written
+on the declared base, with a negative task weight where the recipe has
+one (task negation, "forgetting" a fine-tune).
 """
 
 from __future__ import annotations
@@ -23,10 +29,19 @@ class TaskArithmetic(Explanation):
             return None
         fit = blend_fit(ev)
         negative = [n for n, w in fit.weights.items() if w["mean"] <= -MIN_WEIGHT and w["ci95"][1] < 0]
-        if len(negative) != 1:
+        if negative and ev.declared in fit.weights:
+            b = ev.declared
+            tasks = [
+                n
+                for n, w in fit.weights.items()
+                if n != b and abs(w["mean"]) >= MIN_WEIGHT and (w["ci95"][0] > 0 or w["ci95"][1] < 0)
+            ]
+            parents = blend_parents(ev, tasks)
+        elif len(negative) == 1:
+            b, parents = negative[0], blend_parents(ev)
+        else:
             return None
-        b, parents = negative[0], blend_parents(ev)
-        desc = f"{b} + " + " + ".join(f"{p['weight']:.3f} x ({p['name']} - {b})" for p in parents)
+        desc = b + "".join(f" {'-' if p['weight'] < 0 else '+'} {abs(p['weight']):.3f} x ({p['name']} - {b})" for p in parents)
         return document(
             ev,
             "blend",
