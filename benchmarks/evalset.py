@@ -475,6 +475,8 @@ def judge(c: dict, v: dict) -> list[str]:
     got = [p["name"] for p in v["parents"]]
     if c.get("parent") and got[:1] != [c["parent"]]:
         wrong.append(f"parent {got[:1]}")
+    if c.get("no_parent") and got:  # its true parent is not in the pool: none may be named
+        wrong.append(f"parent {got[:1]} (none in the pool)")
     if c.get("parents") and not (c["parents"] <= set(got) <= c["parents"] | {"base"}):
         wrong.append(f"parents {got}")
     if c.get("layer_map") and v.get("layer_map") != c["layer_map"]:

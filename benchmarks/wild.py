@@ -290,7 +290,7 @@ def cases(
         parent="base",
         declared="base",
     )
-    add("ft1 vs its siblings ft2 + ft3", p["deep-ft1"], {"ft2": p["deep-ft2"], "ft3": p["deep-ft3"]}, "derived")
+    add("ft1 vs its siblings ft2 + ft3", p["deep-ft1"], {"ft2": p["deep-ft2"], "ft3": p["deep-ft3"]}, "derived", no_parent=True)
     add(
         "ft1 vs base + siblings ft2, ft3",
         p["deep-ft1"],

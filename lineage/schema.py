@@ -66,7 +66,7 @@ DOCS: dict[str, dict[str, str]] = {
         "merge_family": "for a sparsified merge: ties, dare, ties/dare, breadcrumbs, della, breadcrumbs/della or sce",
         "base": "the candidate the blend is measured from (task arithmetic, sparse merges, slerp's start)",
         "t": "slerp's t (from the heavier parent toward the lighter)",
-        "parents": "parents with weight and 95% interval (one parent at weight 1 for identical and derived)",
+        "parents": "parents with weight and 95% interval (one parent at weight 1 for identical and derived; none for a derived suspect that sits between its candidates, see `closest`)",
         "parent_names": "the parents' names, for easy filtering (list_contains)",
         "closest": "candidate with the highest median correlation",
         "aliases": "candidates identical to a parent, grouped under it",

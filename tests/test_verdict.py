@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import torch
 
 from lineage.audit import run_local
@@ -13,7 +14,8 @@ SHAPES = {
 }
 
 
-def family(seed: int = 0):
+def family(seed: int = 0, tunes: int = 2):
+    """A base, `tunes` fine-tune-like children whose deltas share a direction, and the generator."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(shape):
@@ -25,7 +27,7 @@ def family(seed: int = 0):
         return {k: v + scale * v.std() * (0.6 * common[k] + 0.8 * rnd(v.shape)) for k, v in base.items()}
 
     common = {k: rnd(v.shape) for k, v in base.items()}  # shared direction: siblings' deltas correlate
-    return base, tune(common), tune(common), rnd
+    return base, *(tune(common) for _ in range(tunes)), rnd
 
 
 def test_sibling_fine_tune_is_derived_not_blend(tmp_path):
@@ -38,6 +40,31 @@ def test_sibling_fine_tune_is_derived_not_blend(tmp_path):
     assert v["verdict"] == "derived" and v["parents"][0]["name"] == "base"
     gain = v["evidence"]["blend"]["median_gain"]
     assert 0.85 < gain < 1.0  # the sibling explains a little (correlated deltas), not a blend's worth
+
+
+def test_a_fine_tune_audited_against_its_siblings_alone_gets_no_parent(tmp_path):
+    """Three fine-tunes of one base: audited against the other two without the base, the first
+    sits halfway between them (about 1/2 each in their blend, whatever their deltas' correlation),
+    where a descendant of either would weigh about 1 on it: derived, with no parent named (the
+    true one is not in the pool) and the closest still given. With the base in the pool, the base."""
+    base, ft1, ft2, ft3, _ = family(3, tunes=3)
+    for n, w in {"base": base, "ft1": ft1, "ft2": ft2, "ft3": ft3}.items():
+        write_model(tmp_path / n, w)
+    ms = ModelSet.from_dict(modelset({"ft1": tmp_path / "ft1"}, {"ft2": tmp_path / "ft2", "ft3": tmp_path / "ft3"}))
+    (v,) = run_local(ms, tmp_path / "out")
+    assert (v["verdict"], v["parents"]) == ("derived", [])
+    assert v["closest"] in ("ft2", "ft3") and v["evidence"]["derived"]["parent_by"] == "none: between candidates"
+    w = v["evidence"]["blend"]["weights"]
+    assert abs(w["ft2"]["mean"] - 0.5) < 0.1 and abs(w["ft3"]["mean"] - 0.5) < 0.1
+    assert "No parent is named" in v["explanation"]
+    row = pq.read_table(tmp_path / "out" / "verdicts.parquet").to_pylist()[0]
+    assert (row["verdict"], row["parents"], row["closest"]) == ("derived", [], v["closest"])
+    ms = ModelSet.from_dict(
+        modelset({"ft1": tmp_path / "ft1"}, {"base": tmp_path / "base", "ft2": tmp_path / "ft2", "ft3": tmp_path / "ft3"})
+    )
+    (v,) = run_local(ms, tmp_path / "out-with-base")
+    assert v["verdict"] == "derived" and [p["name"] for p in v["parents"]] == ["base"]
+    assert v["evidence"]["derived"]["parent_by"] == "closest"
 
 
 def test_blend_with_an_alias_candidate(tmp_path):

@@ -12,7 +12,8 @@ routers shifted (explain/experts.py), then undone permutations, then a
 residual stream permuted or rotated (explain/gauge.py; renumbered experts
 matched in its gauge) and, in that gauge, permutations again, then per-head
 and per-unit disguises seen through their invariant products
-(explain/invariants.py).
+(explain/invariants.py); last, a derived suspect that sits between its
+candidates is given no parent (explain/siblings.py).
 
 Adding a way of explaining a suspect: one file with an `Explanation`
 subclass (see base.py), and one line here.
@@ -39,6 +40,7 @@ from lineage.explain.linear import Linear
 from lineage.explain.model_stock import ModelStock
 from lineage.explain.passthrough import Passthrough
 from lineage.explain.permutation import Permutations, PermutationsInGauge
+from lineage.explain.siblings import Siblings
 from lineage.explain.slerp import Slerp
 from lineage.explain.sparse import Sparse
 from lineage.explain.task_arithmetic import TaskArithmetic
@@ -69,6 +71,7 @@ REGISTRY: tuple[Explainer, ...] = (
     GaugeRefit(),
     PermutationsInGauge(),
     Invariants(),
+    Siblings(),
 )
 
 __all__ = ["REGISTRY", "Candidate", "Evidence", "decide", "decide_with"]

@@ -4,7 +4,11 @@ A fine-tune, continued training, a perturbation or a quantisation of one
 parent. Related is decided by significance against the permutation null,
 not a cosine threshold. A fine-tune audited against its base and a sibling
 fine-tune is derived from the closest: the sibling correlates too (their
-deltas share the base), but their blend fits hardly better.
+deltas share the base), but their blend fits hardly better. The closest is
+not always the parent: siblings whose deltas correlate beyond 0.5 are
+closer to each other than to their base. A declared base settles it
+(`through`); without one, where the suspect sits between its candidates,
+explain/siblings.py names no parent.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Derived(Explanation):
                     "a similar path."
                 )
                 best = base
+        ev.analyses["derived"] = {"parent_by": "declared base" if base in related else "closest"}
         p = per[best]
         also = [n for n in related if n != best]
         return document(

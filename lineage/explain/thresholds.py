@@ -42,6 +42,11 @@ MIN_WEIGHT = 0.05
 #: A suspect closest to X is derived from the declared base B instead when it
 #: went less than this far along the way from B to X (explain/derived.py).
 THROUGH = 0.75
+#: Without a declared base, a derived suspect whose parent's weight in the
+#: blend over its related candidates exceeds another's by less than this sits between
+#: them (a sibling of both weighs 1/k on each of k, whatever their deltas' correlation):
+#: no parent is named (explain/siblings.py).
+SPLIT_MARGIN = 0.2
 #: A blend's weights must agree within the groups one merge setting covers (a
 #: layer's attention matrices, its MLP matrices; explain/schedule.py): weighted
 #: SD within groups at most this. Across layers and components they may follow
