@@ -358,6 +358,10 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
             "merge_method: sce\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\nparameters: {{select_topk: 0.5}}\ndtype: bfloat16\n",
             {},
         ),
+        "linear_unnormalised": (
+            "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6}}\n  - model: {ft2}\n    parameters: {{weight: 0.6}}\nparameters: {{normalize: false}}\ndtype: bfloat16\n",
+            {"ft1": 0.6, "ft2": 0.6},
+        ),
         "nuslerp": (
             "merge_method: nuslerp\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6}}\n  - model: {ft2}\n    parameters: {{weight: 0.4}}\ndtype: bfloat16\n",
             {"ft1": 0.6, "ft2": 0.4},

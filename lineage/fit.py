@@ -136,8 +136,13 @@ def choose_base(st: Stats, use: list[str]) -> str:
     return max(tied, key=lambda c: (d2("suspect", c), -use.index(c)))
 
 
-def blend(st: Stats, use: list[str] | None = None, base: str | None = None) -> Blend | None:
-    """Affine fit of the suspect on candidates `use` (default all) around `base`."""
+def blend(st: Stats, use: list[str] | None = None, base: str | None = None, free: bool = False) -> Blend | None:
+    """Affine fit of the suspect on candidates `use` (default all) around `base`.
+
+    With `free`, the weights need not sum to 1: the base vector itself is one more column
+    (s - b = e b + sum_i c_i (p_i - b), as `interpolation` fits two parents), which is how a
+    linear merge whose weights were not normalised (mergekit's `normalize: false`) is fitted;
+    the base's weight is then 1 + e - sum_i c_i."""
     use = list(use or st.order)
     if len(use) < 2 or st.n == 0:
         return None
@@ -158,10 +163,10 @@ def blend(st: Stats, use: list[str] | None = None, base: str | None = None) -> B
     if not kept:
         weights[base], se[base] = 1.0, 0.0
         return Blend(base, weights, se, math.sqrt(tt / ss) if ss > 0 else 0.0, 0.0, 0.0, float("inf"), _raw_cond(f, use))
-    C = np.stack([cols[i] for i in kept], axis=1)  # m x q
+    C = np.stack([f.vec(base)] * free + [cols[i] for i in kept], axis=1)  # m x q
     A = C.T @ f.g @ C
     g = C.T @ f.g @ t
-    q = len(kept)
+    q = len(kept) + free
     aug = np.zeros((q + 1, q + 1))
     aug[:q, :q], aug[:q, q], aug[q, :q], aug[q, q] = A, g, g, tt
     dscale = np.sqrt(np.maximum(np.diagonal(aug), 1e-300))
@@ -174,10 +179,12 @@ def blend(st: Stats, use: list[str] | None = None, base: str | None = None) -> B
     dof = max(st.n - q, 1)
     cov = (rss / dof) * np.linalg.inv(A)
     for j, i in enumerate(kept):
-        weights[others[i]] = float(a[j])
-        se[others[i]] = math.sqrt(max(float(cov[j, j]), 0.0))
-    weights[base] = 1.0 - float(a.sum())
-    se[base] = math.sqrt(max(float(cov.sum()), 0.0))
+        weights[others[i]] = float(a[j + free])
+        se[others[i]] = math.sqrt(max(float(cov[j + free, j + free]), 0.0))
+    # the base's weight, 1 (+ e) - sum_i c_i, and its variance through the same linear form
+    u = np.array([1.0] * free + [-1.0] * len(kept))
+    weights[base] = 1.0 + float(u @ a)
+    se[base] = math.sqrt(max(float(u @ cov @ u), 0.0))
     r2 = 1.0 - rss / tt if tt > 0 else 0.0
     return Blend(
         base=base,

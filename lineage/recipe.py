@@ -193,6 +193,10 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         }
         if method == "unknown":
             notes.append("the merge was changed afterwards (trained further): this reproduces the merge up to that training")
+        total = (v.get("evidence", {}).get("blend") or {}).get("weights_sum")
+        if total is not None:
+            cfg["parameters"] = {"normalize": False}
+            notes.append(f"normalize: false: the weights sum to {total:.3f}, and mergekit would otherwise divide by that sum")
     cfg["dtype"] = dtype_of(dtypes)
     if v.get("undone"):
         notes.append(

@@ -165,6 +165,29 @@ def test_task_negation_is_written_on_the_declared_base(tmp_path):
     assert cert["exact"] and cert["within_storage_rounding"] == cert["tensors"] == len(base)
 
 
+def test_a_linear_merge_with_unnormalised_weights_is_fitted_with_free_weights(tmp_path):
+    """mergekit linear with normalize: false and weights 0.6 / 0.6 scales the blend by 1.2, which
+    no blend with weights summing to 1 explains: the free fit gives the weights, the recipe says
+    normalize: false, and it reruns exactly."""
+    paths, base, _ = family(tmp_path / "models")
+    made = mergekit(
+        tmp_path,
+        f"merge_method: linear\nmodels:\n  - model: {paths['a']}\n    parameters: {{weight: 0.6}}\n"
+        f"  - model: {paths['b']}\n    parameters: {{weight: 0.6}}\nparameters: {{normalize: false}}\ndtype: bfloat16\n",
+    )
+    out = audit(tmp_path, made, paths)
+    v = json.loads((out / "verdicts" / "suspect.json").read_text())
+    assert (v["verdict"], v["method"]) == ("blend", "linear")
+    w = {p["name"]: p["weight"] for p in v["parents"]}
+    assert set(w) == {"a", "b"} and all(abs(x - 0.6) < 0.01 for x in w.values())
+    assert abs(v["evidence"]["blend"]["weights_sum"] - 1.2) < 0.01 and "sum to 1.200" in v["explanation"]
+    assert yaml.safe_load((out / v["recipe"]).read_text())["parameters"] == {"normalize": False}
+    r = subprocess.run([LINEAGE, "certify", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
+    assert cert["exact"] and cert["within_storage_rounding"] == cert["tensors"] == len(base)
+
+
 def mergekit(root: Path, config: str) -> Path:
     """A merge made by mergekit itself from `config`."""
     cfg, made = root / "merge.yaml", root / "models" / "suspect"

@@ -48,7 +48,7 @@ def storage_noise(r: Row, use: list[str]) -> float:
 def after_merge(ev: Evidence, use: list[str], base: str | None) -> dict:
     """The residual of the blend over `use` (refitted per matrix), characterised."""
     per: list[tuple[int | None, str, float, float]] = []
-    for r, b in ev.refits(use, base):
+    for r, b in ev.refits(use, base, ev.free_weights):
         if r.ndim < 2:
             continue
         per.append((r.layer, r.component, b.residual_rel, storage_noise(r, use)))

@@ -47,6 +47,23 @@ def blend_fit(ev: Evidence) -> BlendFit:
 
 
 def _blend_fit(ev: Evidence) -> BlendFit:
+    """The affine blend fit; where it explains nothing, the fit with free weights, when that
+    one makes the suspect a plain blend whose weights sum clearly away from 1: a linear merge
+    with its weights not normalised (mergekit's `normalize: false`, weights 0.6 and 0.6)."""
+    fit = _fit(ev, free=False)
+    if not fit.is_blend and len(ev.related) >= 2:
+        alt = _fit(ev, free=True)
+        e = alt.evidence
+        total = sum(w["mean"] for w in alt.weights.values())
+        plain = e["median_gain"] is not None and e["median_gain"] <= BLEND_GAIN and not (e["sparse"] or alt.trained)
+        if alt.is_blend and plain and abs(total - 1) >= MIN_WEIGHT:
+            e["weights_sum"] = total
+            fit = alt
+    ev.analyses["blend"] = fit.evidence
+    return fit
+
+
+def _fit(ev: Evidence, free: bool) -> BlendFit:
     """The blend fit, and whether it makes the suspect a blend.
 
     Sparse merges (TIES, DARE) take each element from one parent (a
@@ -62,7 +79,7 @@ def _blend_fit(ev: Evidence) -> BlendFit:
     points: dict[str, list] = defaultdict(list)
     gains, cosf = [], []
     bases: Counter = Counter()
-    for r, b in ev.refits(use, base):
+    for r, b in ev.refits(use, base, free):
         if r.ndim < 2:
             continue
         bases[b.base] += 1
@@ -142,7 +159,6 @@ def _blend_fit(ev: Evidence) -> BlendFit:
             "max_within_sd": MAX_WITHIN_SD,
         },
     }
-    ev.analyses["blend"] = e
     return BlendFit(
         is_blend=len(material) >= 2 and consistent and explains,
         weights=weights,

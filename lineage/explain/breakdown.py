@@ -33,7 +33,7 @@ def components(ev: Evidence, parents: list[dict]) -> tuple[dict, dict]:
     """({component: counts, median correlations, weights}, {layer: weights}) for `parents`."""
     use = [p["name"] for p in parents]
     base = ev.declared if ev.declared in ev.reps else None
-    fits = ev.refits(use, base) if len(use) >= 2 else []
+    fits = ev.refits(use, base, ev.free_weights) if len(use) >= 2 else []
     by: dict[str, list[Row]] = defaultdict(list)
     for r in ev.rows:
         by[r.component].append(r)

@@ -246,20 +246,27 @@ class Evidence:
 
     # -- fits shared by several explanations -------------------------------------------
 
-    def refits(self, use: list[str], base: str | None) -> list[tuple[Row, Blend]]:
-        """(row, blend over `use`) for every compared row that holds all of `use`."""
+    @property
+    def free_weights(self) -> bool:
+        """Whether the suspect's blend was fitted with weights free to sum away from 1 (blendfit.py):
+        the breakdowns and the residual then read that fit too."""
+        return "weights_sum" in (self.analyses.get("blend") or {})
+
+    def refits(self, use: list[str], base: str | None, free: bool = False) -> list[tuple[Row, Blend]]:
+        """(row, blend over `use`) for every compared row that holds all of `use` (`free`: weights
+        not constrained to sum to 1, fit.blend)."""
 
         def compute() -> list[tuple[Row, Blend]]:
             out = []
             for r in self.ok:
                 if not set(use) <= set(r.order):
                     continue
-                b = blend(r.stats, use=use, base=base)  # type: ignore[arg-type]
+                b = blend(r.stats, use=use, base=base, free=free)  # type: ignore[arg-type]
                 if b is not None and all(b.weights[n] is not None for n in use):
                     out.append((r, b))
             return out
 
-        return self.memo(("refits", tuple(use), base), compute)
+        return self.memo(("refits", tuple(use), base, free), compute)
 
     def memo(self, key: object, compute: Callable[[], Any]) -> Any:
         """An analysis computed once per suspect, whoever asks first."""

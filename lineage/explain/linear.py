@@ -32,6 +32,12 @@ class Linear(Explanation):
                     f"by {interp['median_predicted_excess']:.1e} (mergekit itself interpolates linearly below 1.8 "
                     "degrees); its t is then the weight of " + b + "."
                 )
+        total = fit.evidence.get("weights_sum")
+        if total is not None:  # the free fit: weights not normalised to sum to 1
+            text = (
+                f" Its weights sum to {total:.3f}, not 1 (a linear merge whose weights were not normalised, "
+                "mergekit's normalize: false): the blend with weights summing to 1 explains no more than one parent." + text
+            )
         desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
         return document(
             ev,
