@@ -11,14 +11,16 @@ less than SPLIT_MARGIN more than another related candidate, naming it would
 give the suspect a parent it may not have: this refiner names none, keeps
 `closest`, and says what the weights allow (a sibling of both, from an
 ancestor absent from the pool, or a merge of them trained afterwards, which
-the weights alone cannot tell apart without the base).
+the weights alone cannot tell apart without the base). A parent named by a
+clearer margin that still carries less than THROUGH of the blend, another
+candidate more than 1 - THROUGH, keeps its name with that doubt said.
 """
 
 from __future__ import annotations
 
 from lineage.explain.blendfit import blend_fit
 from lineage.explain.evidence import Evidence
-from lineage.explain.thresholds import SPLIT_MARGIN
+from lineage.explain.thresholds import SPLIT_MARGIN, THROUGH
 
 
 class Siblings:
@@ -39,7 +41,17 @@ class Siblings:
             return None
         other = max((n for n in weights if n != parent), key=lambda n: weights[n])
         if weights[parent] - weights[other] >= SPLIT_MARGIN:
-            return None
+            if weights[parent] >= THROUGH or weights[other] < 1 - THROUGH:
+                return None
+            # named, but not beyond doubt: a descendant of `parent` weighs about 1 on it
+            return {
+                **verdict,
+                "explanation": verdict["explanation"]
+                + f" {other} still carries {weights[other]:.2f} of their blend against {weights[parent]:.2f} on {parent} "
+                f"(a descendant of {parent} would carry about 1 on it): {ev.suspect} may instead be a sibling of {parent} "
+                f"descended from {other}, which is closer to it when siblings' deltas correlate beyond 0.5; declaring "
+                "the base (base: true) decides.",
+            }
         split = " / ".join(f"{n} {weights[n]:.2f}" for n in sorted(weights, key=lambda n: -weights[n]))
         ev.analyses["derived"]["parent_by"] = "none: between candidates"
         head = f"{ev.suspect} derives from {parent} but is not a copy"
