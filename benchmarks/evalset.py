@@ -419,6 +419,20 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
                 method="task_arithmetic",
                 declared="base",
             )
+    if with_mergekit:  # task weights summing below 1: the declared base keeps a share
+        tmpl = "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.3}}\n  - model: {ft2}\n    parameters: {{weight: 0.3}}\ndtype: bfloat16\n"
+        folder = mergekit(root / "mk-ta-0.3", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
+        if folder is not None:
+            add(
+                "mergekit task_arithmetic 0.3/0.3, base declared",
+                folder,
+                fam,
+                "blend",
+                {"ft1": 0.3, "ft2": 0.3},
+                base="base",
+                method="task_arithmetic",
+                declared="base",
+            )
     unrel = {"seed0": paths[0], "seed1": paths[1]}
     sl = {k: slerp(models[0][k], models[1][k], 0.6).to(torch.bfloat16) for k in base}
     add(

@@ -123,9 +123,14 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
             "base_model": src[v["base"]],
             "models": [{"model": src[p["name"]], "parameters": {"weight": weight(v, p)}} for p in parents],
         }
+        own = 1 - sum(p["weight"] for p in parents)  # the base's own weight in the affine blend
         if any(p["weight"] < 0 for p in parents):
             notes.append(
                 f"base {v['base']}: declared in the model set; a negative weight subtracts that model's delta (task negation)"
+            )
+        elif own > 0:
+            notes.append(
+                f"base {v['base']}: declared in the model set, keeping {own:.3f} of the blend (task weights summing below 1)"
             )
         else:
             notes.append(f"base {v['base']}: the candidate at a clearly negative weight in the affine fit")

@@ -4,8 +4,8 @@
 order until one answers (a copy is identical before it is anything else; a
 layer stack before a blend; a suspect no candidate relates to is settled
 before any blend is fitted; among blends the most specific signature wins:
-sparse, then a merge trained afterwards, then task arithmetic, then Model
-Stock, then slerp, then linear; derived is what a
+sparse, then a merge trained afterwards, then Model Stock, then task
+arithmetic, then slerp, then linear; derived is what a
 related suspect is when no blend explains it). Refiners then amend that
 answer: a layer map, then a mixture of experts' experts renumbered and its
 routers shifted (explain/experts.py), then undone permutations, then a
@@ -55,8 +55,8 @@ REGISTRY: tuple[Explainer, ...] = (
     Unrelated(),
     Sparse(),
     TrainedMerge(),
-    TaskArithmetic(),
     ModelStock(),
+    TaskArithmetic(),
     Slerp(),
     Linear(),
     Derived(),

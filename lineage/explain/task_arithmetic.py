@@ -10,7 +10,11 @@ Which candidate is the base is a choice of coordinates: b + (p1 - b) -
 0.5 (p2 - b) is also p2 + (p1 - p2) + 0.5 (b - p2). Where the model set
 declares a base and the fit holds a negative weight, the merge is written
 on the declared base, with a negative task weight where the recipe has
-one (task negation, "forgetting" a fine-tune).
+one (task negation, "forgetting" a fine-tune); so is a blend in which the
+declared base keeps a positive share beside two or more fine-tunes (task
+weights summing below 1: base + 0.3 (p1 - base) + 0.3 (p2 - base) is the
+linear blend 0.4 / 0.3 / 0.3). Model Stock, whose base also keeps a share,
+is tried first (the registry's order).
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ class TaskArithmetic(Explanation):
     name = "task_arithmetic"
 
     def explain(self, ev: Evidence) -> dict | None:
-        if not is_blend(ev):
+        if not is_blend(ev) or ev.free_weights:  # weights summing away from 1 are a scaled linear merge
             return None
         fit = blend_fit(ev)
         negative = [n for n, w in fit.weights.items() if w["mean"] <= -MIN_WEIGHT and w["ci95"][1] < 0]
-        if negative and ev.declared in fit.weights:
+        declared = ev.declared if ev.declared in fit.weights else None
+        tasks_of_declared = [n for n in fit.material if n != declared]
+        if declared and (negative or (declared in fit.material and len(tasks_of_declared) >= 2)):
             b = ev.declared
             tasks = [
                 n
