@@ -269,13 +269,23 @@ def verdict_row(v: dict, audited_at: datetime) -> dict:
 
 
 def relation_rows(v: dict) -> list[dict]:
-    """`relations.parquet` rows of one verdict: its parents, aliases, screened-out
-    candidates and the other suspects it is a copy or derivative of."""
+    """`relations.parquet` rows of one verdict: its parents (or, for a derived suspect that
+    sits between its candidates, each related candidate), aliases, screened-out candidates
+    and the other suspects it is a copy or derivative of."""
     base = {"suspect": v["suspect"], "weight": None, "z": None, "corr": None, "matrices": None}
     out = []
     for p in v["parents"]:
         out.append({**base, "other": p["name"], "other_role": "candidate", "kind": "parent", "weight": p["weight"]})
         out += [{**base, "other": a, "other_role": "candidate", "kind": "alias"} for a in p.get("aliases", [])]
+    if v["verdict"] == "derived" and not v["parents"]:  # between its candidates: each related one, none a parent
+        ev = v.get("evidence") or {}
+        for n in (ev.get("blend") or {}).get("candidates", []):
+            c = (ev.get("candidates") or {}).get(n) or {}
+            w = ((ev["blend"].get("weights") or {}).get(n) or {}).get("mean")
+            out.append(
+                {**base, "other": n, "other_role": "candidate", "kind": "related", "weight": w, "z": c.get("median_z")}
+                | {"corr": c.get("median_corr"), "matrices": c.get("matrices")}
+            )
     for c in v.get("screened_out", []):
         out.append({**base, "other": c["name"], "other_role": "candidate", "kind": "screened_out", "z": c.get("median_z")})
     for r in v.get("relations", []):

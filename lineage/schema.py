@@ -22,7 +22,7 @@ from lineage import __version__
 
 #: Bumped when the verdict or relations tables change columns or meaning.
 VERDICTS_VERSION = 2
-RELATIONS_VERSION = 1
+RELATIONS_VERSION = 2
 
 DOCS: dict[str, dict[str, str]] = {
     "tensors": {
@@ -93,10 +93,10 @@ DOCS: dict[str, dict[str, str]] = {
         "suspect": "suspect model name",
         "other": "the related model: a candidate or another suspect",
         "other_role": "candidate or suspect",
-        "kind": "parent, alias, screened_out (candidates); copy, derivative (other suspects)",
-        "weight": "a parent's weight in the verdict",
-        "z": "screening z of a screened-out candidate; median delta z between two suspects",
-        "corr": "median correlation of the two suspects' deltas from the reference candidate",
+        "kind": "parent, alias, screened_out, related (candidates; related: a derived suspect that names no parent); copy, derivative (other suspects)",
+        "weight": "a parent's weight in the verdict; a related candidate's weight in the blend over them",
+        "z": "screening z of a screened-out candidate; median z of a related candidate; median delta z between two suspects",
+        "corr": "median correlation of a related candidate; of the two suspects' deltas from the reference candidate",
         "matrices": "matrices the relation was measured on",
     },
     "pairs": {

@@ -59,6 +59,9 @@ def test_a_fine_tune_audited_against_its_siblings_alone_gets_no_parent(tmp_path)
     assert "No parent is named" in v["explanation"]
     row = pq.read_table(tmp_path / "out" / "verdicts.parquet").to_pylist()[0]
     assert (row["verdict"], row["parents"], row["closest"]) == ("derived", [], v["closest"])
+    rel = pq.read_table(tmp_path / "out" / "relations.parquet").to_pylist()
+    assert {(r["other"], r["kind"]) for r in rel} == {("ft2", "related"), ("ft3", "related")}
+    assert all(r["z"] > 6 and abs(r["weight"] - 0.5) < 0.1 for r in rel)
     ms = ModelSet.from_dict(
         modelset({"ft1": tmp_path / "ft1"}, {"base": tmp_path / "base", "ft2": tmp_path / "ft2", "ft3": tmp_path / "ft3"})
     )
