@@ -36,6 +36,11 @@ def through(ev: Evidence, a: str, b: str) -> float | None:
     return median(ts)
 
 
+def opening(suspect: str, parent: str) -> str:
+    """The first words of a derived verdict's explanation (explain/siblings.py rewrites them)."""
+    return f"{suspect} derives from {parent} but is not a copy"
+
+
 class Derived(Explanation):
     name = "derived"
 
@@ -64,7 +69,7 @@ class Derived(Explanation):
             ev,
             "derived",
             one_parent(ev, best),
-            f"{ev.suspect} derives from {best} but is not a copy: median correlation {p.median_corr:.4f} "
+            f"{opening(ev.suspect, best)}: median correlation {p.median_corr:.4f} "
             f"(z {p.median_z:.0f} against the null of unrelated tensors, {p.frac_significant:.0%} of "
             f"matrices significant), median relative distance {p.median_rel_dist:.3g}, beyond storage rounding."
             + (

@@ -19,6 +19,7 @@ candidate more than 1 - THROUGH, keeps its name with that doubt said.
 from __future__ import annotations
 
 from lineage.explain.blendfit import blend_fit
+from lineage.explain.derived import opening
 from lineage.explain.evidence import Evidence
 from lineage.explain.thresholds import SPLIT_MARGIN, THROUGH
 
@@ -54,9 +55,10 @@ class Siblings:
             }
         split = " / ".join(f"{n} {weights[n]:.2f}" for n in sorted(weights, key=lambda n: -weights[n]))
         ev.analyses["derived"]["parent_by"] = "none: between candidates"
-        head = f"{ev.suspect} derives from {parent} but is not a copy"
         text = verdict["explanation"].replace(
-            head, f"{ev.suspect} derives from a model related to {parent} (its closest) but is not a copy", 1
+            opening(ev.suspect, parent),
+            f"{ev.suspect} derives from a model related to {parent} (its closest) but is not a copy",
+            1,
         )
         return {
             **verdict,

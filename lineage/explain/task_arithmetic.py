@@ -36,7 +36,7 @@ class TaskArithmetic(Explanation):
         declared = ev.declared if ev.declared in fit.weights else None
         tasks_of_declared = [n for n in fit.material if n != declared]
         if declared and (negative or (declared in fit.material and len(tasks_of_declared) >= 2)):
-            b = ev.declared
+            b = declared
             tasks = [
                 n
                 for n, w in fit.weights.items()
