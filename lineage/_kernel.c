@@ -19,11 +19,11 @@
  *
  * Numerics: inputs are decoded to float32 exactly (BF16 and F16 are subsets
  * of float32), differences are taken in float64, products and sums are
- * accumulated in float64 in blocks of at most BLOCK elements of one row with
- * LANES independent partial sums per entry, then added to the running
- * totals. The order of
- * every addition is fixed by this code, so results do not depend on the
- * CPU, the thread count or the vector width.
+ * accumulated in float64 (each product added by a fused multiply-add, on
+ * every path) in blocks of at most BLOCK elements of one row with LANES
+ * independent partial sums per entry, then added to the running totals. The
+ * order of every addition is fixed by this code, so results do not depend
+ * on the CPU, the thread count or the vector width.
  *
  * It also adds, for each candidate j >= 1, the energy of its difference
  * from the reference, (p_j - r)^2, over the elements where the suspect kept
@@ -69,8 +69,23 @@
 VTYPES(8)
 VTYPES(4)
 
-/* W elements at P (BF16 bits or float32) into the float vector OUT. */
-#define LOAD_BF16(W, P, OUT)                                             \
+/*
+ * What each path (I: GEN, AVX2, AVX512) does its own way, with the same
+ * result bits:
+ *   LOAD_BF16_I(W, P, OUT)  W BF16 elements at P into the float vector OUT
+ *   CVT_I(W, X)             float to double, exactly
+ *   FMA_I(W, A, B, C)       A * B + C rounded once, on every path (products
+ *                           of BF16 differences are nearly always exact in
+ *                           float64, where this only saves an instruction;
+ *                           otherwise it rounds once where a multiply then
+ *                           an add would round twice)
+ *   MASK_I(W), LE_I(W, A, B)      the lanes where A <= B
+ *   COUNT_I(W, ACC, M)            ACC += 1 in the lanes of M (int64 lanes)
+ *   ADDSQ_I(W, ACC, Y, M)         ACC += Y * Y in the lanes of M
+ * GCC's generic conversions cost several shuffles per vector on x86 (a
+ * third of the step), hence the intrinsics there.
+ */
+#define LOAD_BF16_GEN(W, P, OUT)                                             \
     {                                                                    \
         vh##W h_;                                                        \
         memcpy(&h_, (P), sizeof h_);                                     \
@@ -78,6 +93,25 @@ VTYPES(4)
         memcpy(&(OUT), &u_, sizeof(OUT));                                \
     }
 #define LOAD_F32(W, P, OUT) memcpy(&(OUT), (P), sizeof(OUT))
+#define CVT_GEN(W, X) __builtin_convertvector((X), vd##W)
+#define FMA_GEN(W, A, B, C)                                              \
+    ({                                                                   \
+        vd##W a_ = (A), b_ = (B), c_ = (C);                              \
+        for (int l_ = 0; l_ < W; l_++) c_[l_] = __builtin_fma(a_[l_], b_[l_], c_[l_]); \
+        c_;                                                              \
+    })
+#define MASK_GEN(W) vl##W
+#define LE_GEN(W, A, B) ((vl##W)((A) <= (B)))
+#define COUNT_GEN(W, ACC, M) ((ACC) -= (M))
+#define ADDSQ_GEN(W, ACC, Y, M)                                          \
+    {                                                                    \
+        vl##W b_;                                                        \
+        vd##W y_ = (Y);                                                  \
+        memcpy(&b_, &y_, sizeof b_);                                     \
+        b_ &= (M);                                                       \
+        memcpy(&y_, &b_, sizeof y_);                                     \
+        (ACC) = FMA_GEN(W, y_, y_, (ACC));                               \
+    }
 #define VABS(W, X)                                                       \
     ({                                                                   \
         vl##W b_;                                                        \
@@ -97,39 +131,32 @@ VTYPES(4)
  * skip them (zeros add nothing to sums and products; the counts they add
  * are taken back at the end of the call).
  */
-#define STEP(K, T, LOAD, W, SP, PP, WR)                                                          \
+#define STEP(K, T, LOAD, I, W, SP, PP, WR)                                                       \
     for (int h = 0; h < LANES / W; h++) {                                                        \
-        vd##W y[K + 1];                                                                          \
+        vd##W y[K + 1], sd;                                                                      \
+        MASK_##I(W) kept;                                                                        \
         vf##W sf, pf;                                                                            \
         LOAD(W, (const T *)(SP) + h * W, sf);                                                    \
-        LOAD(W, (const T *)(PP)[0] + h * W, pf);                                                 \
-        eqv[0][h] -= (vi##W)(sf == pf);                                                          \
-        y[0] = __builtin_convertvector(pf, vd##W);                                               \
-        for (int j = 1; j < K; j++) {                                                            \
+        sd = CVT_##I(W, sf);                                                                     \
+        for (int j = 0; j < K; j++) {                                                            \
             LOAD(W, (const T *)(PP)[j] + h * W, pf);                                             \
             eqv[j][h] -= (vi##W)(sf == pf);                                                      \
-            y[j] = __builtin_convertvector(pf, vd##W) - y[0];                                    \
+            vd##W pd = CVT_##I(W, pf);                                                           \
+            y[j] = j == 0 ? pd : pd - y[0];                                                      \
+            /* near: |s - p_j| <= tol_j |p_j| (as lineage/engines/torch_engine.py) */           \
+            MASK_##I(W) near = LE_##I(W, VABS(W, sd - pd), tau[j] * VABS(W, pd));               \
+            COUNT_##I(W, nrv[j][h], near);                                                       \
+            if (j == 0)                                                                          \
+                kept = near;                                                                     \
+            else /* delta energy where s kept the reference's value */                          \
+                ADDSQ_##I(W, da[j][h], y[j], kept);                                              \
         }                                                                                        \
-        y[K] = __builtin_convertvector(sf, vd##W) - y[0];                                        \
-        {                                                                                        \
-            vl##W m0 = (vl##W)(VABS(W, y[K]) <= tau[0] * VABS(W, y[0]));                         \
-            nrv[0][h] -= __builtin_convertvector(m0, vi##W);                                     \
-            for (int j = 1; j < K; j++) { /* delta energy where s kept the reference's value */  \
-                vd##W sq = y[j] * y[j];                                                          \
-                vl##W bits;                                                                      \
-                memcpy(&bits, &sq, sizeof bits);                                                 \
-                bits &= m0;                                                                      \
-                memcpy(&sq, &bits, sizeof sq);                                                   \
-                da[j][h] += sq;                                                                  \
-            }                                                                                    \
-        }                                                                                        \
-        for (int j = 1; j < K; j++)                                                              \
-            nrv[j][h] -= __builtin_convertvector((vl##W)(VABS(W, y[K] - y[j]) <= tau[j] * VABS(W, y[0] + y[j])), vi##W); \
+        y[K] = sd - y[0];                                                                        \
         for (int a = 0; a <= K; a++) sa[a][h] += y[a];                                           \
         {                                                                                        \
             int e = 0;                                                                           \
             for (int a = 0; a <= K; a++)                                                         \
-                for (int c = a; c <= K; c++, e++) ga[e][h] += y[a] * y[c];                       \
+                for (int c = a; c <= K; c++, e++) ga[e][h] = FMA_##I(W, y[a], y[c], ga[e][h]);   \
         }                                                                                        \
         if ((WR) == LANES) {                                                                     \
             for (int a = 0; a <= K; a++) {                                                       \
@@ -160,17 +187,21 @@ VTYPES(4)
  * y (the block's part of the row sum) also to the row's sums, whose outer
  * product goes to rowgram when the row ends.
  */
-#define DEFINE_KERNEL(NAME, K, T, LOAD, W, ATTR)                                                 \
+#define DEFINE_KERNEL(NAME, K, T, LOAD, I, W, ATTR)                                                 \
     ATTR static void NAME(Py_ssize_t n, const void *s, const void **p, double *gram, double *sums, \
                           int64_t *counts, const double *tols, Py_ssize_t cols, double *restrict colsum, \
                           double *rowgram, double *dropped) {                                    \
         enum { M = K + 1, NG = (K + 1) * (K + 2) / 2, NH = LANES / W };                          \
         vd##W tau[K];                                                                            \
-        vi##W eqv[K][NH], nrv[K][NH]; /* int32 lanes: n < 2^31 per call (checked) */             \
+        vi##W eqv[K][NH]; /* int32 lanes: n < 2^31 per call (checked) */                   \
+        vl##W nrv[K][NH];             \
         int64_t pad = 0;                                                                         \
         for (int j = 0; j < K; j++) {                                                            \
             tau[j] = (vd##W){0} + tols[j];                                                       \
-            for (int h = 0; h < NH; h++) eqv[j][h] = nrv[j][h] = (vi##W){0};                     \
+            for (int h = 0; h < NH; h++) {                                                       \
+                eqv[j][h] = (vi##W){0};                                                          \
+                nrv[j][h] = (vl##W){0};                                                          \
+            }                     \
         }                                                                                        \
         for (Py_ssize_t row0 = 0; row0 < n; row0 += cols) {                                      \
             double rs[M];                                                                        \
@@ -189,7 +220,7 @@ VTYPES(4)
                     const void *pp[K];                                                           \
                     for (int j = 0; j < K; j++) pp[j] = (const T *)p[j] + at;                    \
                     double *cs = colsum + c0 + i;                                                \
-                    STEP(K, T, LOAD, W, (const T *)s + at, pp, LANES)                            \
+                    STEP(K, T, LOAD, I, W, (const T *)s + at, pp, LANES)                            \
                 }                                                                                \
                 if (full < len) { /* the row's last few elements, zero-padded */                 \
                     Py_ssize_t at = row0 + c0 + full, wr = len - full;                           \
@@ -203,7 +234,7 @@ VTYPES(4)
                         pp[j] = pb[j];                                                           \
                     }                                                                            \
                     double *cs = colsum + c0 + full;                                             \
-                    STEP(K, T, LOAD, W, sb, pp, wr)                                              \
+                    STEP(K, T, LOAD, I, W, sb, pp, wr)                                              \
                     pad += LANES - wr;                                                           \
                 }                                                                                \
                 {                                                                                \
@@ -241,23 +272,23 @@ typedef void (*kernel_fn)(Py_ssize_t, const void *, const void **, double *, dou
                           Py_ssize_t, double *, double *, double *);
 
 /* One family: kernels for 1..MAXC candidates, BF16 and float32, and their tables. */
-#define FAMILY(PFX, W, ATTR)                                                                     \
-    DEFINE_KERNEL(PFX##_bf16_1, 1, uint16_t, LOAD_BF16, W, ATTR)                                 \
-    DEFINE_KERNEL(PFX##_bf16_2, 2, uint16_t, LOAD_BF16, W, ATTR)                                 \
-    DEFINE_KERNEL(PFX##_bf16_3, 3, uint16_t, LOAD_BF16, W, ATTR)                                 \
-    DEFINE_KERNEL(PFX##_bf16_4, 4, uint16_t, LOAD_BF16, W, ATTR)                                 \
-    DEFINE_KERNEL(PFX##_bf16_5, 5, uint16_t, LOAD_BF16, W, ATTR)                                 \
-    DEFINE_KERNEL(PFX##_bf16_6, 6, uint16_t, LOAD_BF16, W, ATTR)                                 \
-    DEFINE_KERNEL(PFX##_bf16_7, 7, uint16_t, LOAD_BF16, W, ATTR)                                 \
-    DEFINE_KERNEL(PFX##_bf16_8, 8, uint16_t, LOAD_BF16, W, ATTR)                                 \
-    DEFINE_KERNEL(PFX##_f32_1, 1, float, LOAD_F32, W, ATTR)                                      \
-    DEFINE_KERNEL(PFX##_f32_2, 2, float, LOAD_F32, W, ATTR)                                      \
-    DEFINE_KERNEL(PFX##_f32_3, 3, float, LOAD_F32, W, ATTR)                                      \
-    DEFINE_KERNEL(PFX##_f32_4, 4, float, LOAD_F32, W, ATTR)                                      \
-    DEFINE_KERNEL(PFX##_f32_5, 5, float, LOAD_F32, W, ATTR)                                      \
-    DEFINE_KERNEL(PFX##_f32_6, 6, float, LOAD_F32, W, ATTR)                                      \
-    DEFINE_KERNEL(PFX##_f32_7, 7, float, LOAD_F32, W, ATTR)                                      \
-    DEFINE_KERNEL(PFX##_f32_8, 8, float, LOAD_F32, W, ATTR)                                      \
+#define FAMILY(PFX, I, W, ATTR)                                                                     \
+    DEFINE_KERNEL(PFX##_bf16_1, 1, uint16_t, LOAD_BF16_##I, I, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_2, 2, uint16_t, LOAD_BF16_##I, I, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_3, 3, uint16_t, LOAD_BF16_##I, I, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_4, 4, uint16_t, LOAD_BF16_##I, I, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_5, 5, uint16_t, LOAD_BF16_##I, I, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_6, 6, uint16_t, LOAD_BF16_##I, I, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_7, 7, uint16_t, LOAD_BF16_##I, I, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_bf16_8, 8, uint16_t, LOAD_BF16_##I, I, W, ATTR)                                 \
+    DEFINE_KERNEL(PFX##_f32_1, 1, float, LOAD_F32, I, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_2, 2, float, LOAD_F32, I, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_3, 3, float, LOAD_F32, I, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_4, 4, float, LOAD_F32, I, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_5, 5, float, LOAD_F32, I, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_6, 6, float, LOAD_F32, I, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_7, 7, float, LOAD_F32, I, W, ATTR)                                      \
+    DEFINE_KERNEL(PFX##_f32_8, 8, float, LOAD_F32, I, W, ATTR)                                      \
     static const kernel_fn PFX##_BF16[MAXC + 1] = {NULL,          PFX##_bf16_1, PFX##_bf16_2,    \
                                                    PFX##_bf16_3,  PFX##_bf16_4, PFX##_bf16_5,    \
                                                    PFX##_bf16_6,  PFX##_bf16_7, PFX##_bf16_8};   \
@@ -265,12 +296,40 @@ typedef void (*kernel_fn)(Py_ssize_t, const void *, const void **, double *, dou
                                                   PFX##_f32_3,  PFX##_f32_4, PFX##_f32_5,        \
                                                   PFX##_f32_6,  PFX##_f32_7, PFX##_f32_8};
 
-FAMILY(generic, 4, )
+FAMILY(generic, GEN, 4, )
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
-/* -ffp-contract=off (setup) keeps FMA from changing roundings on these paths. */
+/* -ffp-contract=off (setup): the only fused multiply-adds are FMA_I's, the
+ * same on every path. */
 #define X86_WIDE 1
-FAMILY(avx2, 4, __attribute__((target("avx2"))))
-FAMILY(avx512, 8, __attribute__((target("arch=skylake-avx512"))))
+#include <immintrin.h>
+#define LOAD_BF16_AVX2(W, P, OUT)                                                                \
+    {                                                                                            \
+        __m128i u_ = _mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(P))), 16); \
+        (OUT) = (vf4)u_;                                                                         \
+    }
+#define CVT_AVX2(W, X) ((vd4)_mm256_cvtps_pd((__m128)(X)))
+#define FMA_AVX2(W, A, B, C) ((vd4)_mm256_fmadd_pd((__m256d)(A), (__m256d)(B), (__m256d)(C)))
+#define MASK_AVX2 MASK_GEN
+#define LE_AVX2 LE_GEN
+#define COUNT_AVX2 COUNT_GEN
+#define ADDSQ_AVX2(W, ACC, Y, M)                                                                 \
+    {                                                                                            \
+        vd4 y_ = (vd4)_mm256_and_pd((__m256d)(Y), (__m256d)(M));                                 \
+        (ACC) = FMA_AVX2(W, y_, y_, (ACC));                                                      \
+    }
+#define LOAD_BF16_AVX512(W, P, OUT)                                                              \
+    {                                                                                            \
+        __m256i u_ = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(P))), 16); \
+        (OUT) = (vf8)u_;                                                                         \
+    }
+#define CVT_AVX512(W, X) ((vd8)_mm512_cvtps_pd((__m256)(X)))
+#define FMA_AVX512(W, A, B, C) ((vd8)_mm512_fmadd_pd((__m512d)(A), (__m512d)(B), (__m512d)(C)))
+#define MASK_AVX512(W) __mmask8
+#define LE_AVX512(W, A, B) _mm512_cmp_pd_mask((__m512d)(A), (__m512d)(B), _CMP_LE_OQ)
+#define COUNT_AVX512(W, ACC, M) ((ACC) = (vl8)_mm512_mask_add_epi64((__m512i)(ACC), (M), (__m512i)(ACC), _mm512_set1_epi64(1)))
+#define ADDSQ_AVX512(W, ACC, Y, M) ((ACC) = (vd8)_mm512_mask3_fmadd_pd((__m512d)(Y), (__m512d)(Y), (__m512d)(ACC), (M)))
+FAMILY(avx2, AVX2, 4, __attribute__((target("avx2,fma"))))
+FAMILY(avx512, AVX512, 8, __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))))
 #endif
 
 /* Set at import from what this CPU supports. */
@@ -288,7 +347,7 @@ static void choose_path(void) {
     if (!avx2_only && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
         BF16 = avx512_BF16, F32 = avx512_F32, PATH = "avx512 (8-lane vectors)";
-    } else if (__builtin_cpu_supports("avx2")) {
+    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
         BF16 = avx2_BF16, F32 = avx2_F32, PATH = "avx2 (4-lane vectors)";
     }
 #endif

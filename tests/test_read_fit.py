@@ -327,13 +327,26 @@ xs[1][::5] = xs[0][::5]  # equal and near-equal elements, for the counts and the
 out = [np.zeros((k + 1) ** 2), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64)]
 cs, rg, dr = np.zeros((k + 1) * cols), np.zeros((k + 1) ** 2), np.zeros(k)
 _kernel.accumulate_bf16(*out, np.full(k, 2.0**-8), xs[0], tuple(xs[1:]), cols, cs, rg, dr)
-print(json.dumps({"path": _kernel.path(), "bits": [a.tobytes().hex() for a in (*out, cs, rg, dr)]}))
+bits = [a.tobytes().hex() for a in (*out, cs, rg, dr)]
+# float32 with a reference 2^25 times smaller than the others: each difference from it needs
+# about 49 bits, their products do not fit a double, and a fused multiply-add rounds them
+# differently from a multiply then an add (every path must fuse alike)
+fs = [rng.standard_normal(rows * cols).astype(np.float32) for _ in range(k + 1)]
+fs[1] *= np.float32(2.0**-25)
+fs[2][::7] = fs[0][::7] * np.float32(1 + 2**-20)
+out = [np.zeros((k + 1) ** 2), np.zeros(k + 1), np.zeros(2 * k, dtype=np.int64)]
+cs, rg, dr = np.zeros((k + 1) * cols), np.zeros((k + 1) ** 2), np.zeros(k)
+_kernel.accumulate_f32(*out, np.full(k, 2.0**-8), fs[0], tuple(fs[1:]), cols, cs, rg, dr)
+bits += [a.tobytes().hex() for a in (*out, cs, rg, dr)]
+print(json.dumps({"path": _kernel.path(), "bits": bits}))
 """
 
 
 def test_every_vector_path_gives_the_same_bits():
-    """The AVX-512, AVX2 and generic kernels add the same numbers in the same order:
-    their results are equal bit for bit (this CPU runs the ones it supports)."""
+    """The AVX-512, AVX2 and generic kernels add the same numbers in the same order, each
+    product by a fused multiply-add: their results are equal bit for bit, for BF16 bits
+    and for float32 values whose products a double cannot hold (this CPU runs the ones it
+    supports)."""
     import json
     import subprocess
     import sys
