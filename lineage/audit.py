@@ -43,6 +43,7 @@ from lineage.output import TensorWriter, atomic_write_bytes, check_parts, write_
 from lineage.plan import Unit, pack, plan_units
 from lineage.recipe import render
 from lineage.relations import RelationResult, Relations
+from lineage.remote import OBJECT_SCHEMES
 from lineage.rows import ROWS_VERSION, tensor_row
 from lineage.screening import Screening, screen
 from lineage.source import Model, resolve
@@ -123,7 +124,7 @@ class AuditPlan:
             if prev.get("fingerprint") != fp:
                 for m in self.suspects + self.candidates:
                     was = (prev.get("sources") or {}).get(m.name, {}).get("commit")
-                    if was and m.commit and was != m.commit and m.source.startswith("s3://"):
+                    if was and m.commit and was != m.commit and m.source.startswith(OBJECT_SCHEMES):
                         raise LineageError(
                             f"{out_dir}: the objects under {m.source} changed (size or modification time) since this "
                             "output_dir was written; audit into a new output_dir"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lineage.errors import LineageError
 from lineage.files import MAX_CONFIG_BYTES, read_small
-from lineage.remote import is_remote
+from lineage.remote import OBJECT_SCHEMES, is_remote
 from lineage.source import Model
 
 #: Sane upper bounds: far above any published model, far below what breaks arithmetic.
@@ -40,8 +40,8 @@ def read_json_beside(model: Model | str | Path, name: str, cap: int) -> tuple[di
         if is_remote(root):
             path = f"{root}/{name}"
             stat = model.files.get(name) if isinstance(model, Model) else None
-            if root.startswith("s3://"):
-                from lineage.remote.s3 import read_object
+            if root.startswith(OBJECT_SCHEMES):
+                from lineage.remote.objectstore import read_object
 
                 if stat is None:
                     return None, None

@@ -2,7 +2,8 @@
 
 A source is a local folder (one `.safetensors` file, or shards with a
 `*.safetensors.index.json`), a single local file, `hf://ORG/NAME[@REV]`, or a
-folder in an S3-compatible object store, `s3://BUCKET/PREFIX` (remote/s3.py).
+folder in an object store, `s3://BUCKET/PREFIX` or `gs://BUCKET/PREFIX`
+(remote/objectstore.py).
 The index is parsed and checked before any shard is opened (huggingface_hub's
 rule): shard paths must be relative and stay inside the model folder, every
 shard must exist, and every key must be in the shard the index names. A key
@@ -24,6 +25,7 @@ from pathlib import Path
 from lineage.errors import LineageError
 from lineage.files import MAX_INDEX_BYTES, inside, kind, read_small
 from lineage.header import TensorEntry, read_header
+from lineage.remote import OBJECT_SCHEMES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 #: Most tensors one model may have, over all its shards: 5x the largest real
@@ -72,10 +74,10 @@ def resolve(name: str, source: str) -> Model:
         from lineage.remote.hub import resolve_hub
 
         return resolve_hub(name, source)
-    if source.startswith("s3://"):
-        from lineage.remote.s3 import resolve_s3
+    if source.startswith(OBJECT_SCHEMES):
+        from lineage.remote.objectstore import resolve_object
 
-        return resolve_s3(name, source)
+        return resolve_object(name, source)
     root = Path(os.path.expanduser(source))
     if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
         trusted = root.parent.parent  # a Hugging Face cache snapshot: its files link to ../../blobs
@@ -97,7 +99,7 @@ def pick_shards(
 ) -> tuple[list[str], dict[str, str] | None]:
     """(shards, weight map or None) of a remote model folder listing `names` (sorted naturally):
     its index, read by `read_index(name) -> (url, weight map)`, or every .safetensors file.
-    Shared by the hub (remote/hub.py) and object stores (remote/s3.py); `where` ("in ORG/NAME at
+    Shared by the hub (remote/hub.py) and object stores (remote/objectstore.py); `where` ("in ORG/NAME at
     COMMIT", "under s3://...") places the folder in the messages."""
     indexes = [n for n in names if n.endswith(".safetensors.index.json")]
     if len(indexes) > 1:

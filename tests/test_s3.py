@@ -18,7 +18,7 @@ pytest.importorskip("moto")
 from lineage.audit import run_local  # noqa: E402
 from lineage.errors import LineageError  # noqa: E402
 from lineage.options import FitOptions  # noqa: E402
-from lineage.remote import s3 as s3mod  # noqa: E402
+from lineage.remote import objectstore as s3mod  # noqa: E402
 from lineage.source import resolve  # noqa: E402
 from tests.golden import rows_snapshot  # noqa: E402
 from tests.test_hub import REPO, blend_set, trio  # noqa: E402

@@ -4,9 +4,9 @@ A remote file is named by its URL (a Hugging Face `resolve` URL at a commit
 hash, so the bytes behind it never change). What reads it is one small
 interface, `RangeFile`: `fetch(offset, out)` fills `out` with exactly the
 bytes at `offset` or raises. `http.HttpRangeFile` implements it for HTTP(S)
-(the hub and anything that serves ranges), `s3.S3RangeFile` for S3-compatible
-object stores (`s3://`); another store (gs://) is one more implementation
-registered in `open_remote`.
+(the hub and anything that serves ranges), `objectstore.ObjectRangeFile` for
+object stores (`s3://`, `gs://`, through pyarrow's filesystems); another
+store is one more implementation registered in `open_remote`.
 
 Who fetches what: the driver fetches only headers, indexes and config.json
 (remote/hub.py); each worker fetches the byte ranges of its own units
@@ -20,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-REMOTE_SCHEMES = ("http://", "https://", "s3://")
+#: Object stores (remote/objectstore.py).
+OBJECT_SCHEMES = ("s3://", "gs://")
+REMOTE_SCHEMES = ("http://", "https://", *OBJECT_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,10 @@ def open_remote(url: str, size: int, etag: str | None, opts: RemoteOptions, mtim
 
     if url.startswith(("http://", "https://")):
         return HttpRangeFile(url, size, etag, opts)
-    if url.startswith("s3://"):
-        from lineage.remote.s3 import S3RangeFile
+    if url.startswith(OBJECT_SCHEMES):
+        from lineage.remote.objectstore import ObjectRangeFile
 
-        return S3RangeFile(url, size, mtime_ns or None, opts)
+        return ObjectRangeFile(url, size, mtime_ns or None, opts)
     raise ValueError(f"{url}: no reader for this scheme (known: {', '.join(REMOTE_SCHEMES)})")
 
 
