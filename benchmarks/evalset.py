@@ -240,7 +240,7 @@ def mergekit(folder: Path, config: str) -> Path | None:
 def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     """Every case: name, suspect folder, candidates {name: folder}, and its truth: the
     expected class, and where known the weights, task-arithmetic base, method, sparse
-    family, single parent, parents, layer map, layer sources and schedule."""
+    family, sign election, single parent, parents, layer map, layer sources and schedule."""
     out: list[dict] = []
 
     def add(name, suspect, cands, expect, weights=None, base=None, method=None, family=None, **truth):
@@ -311,7 +311,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     for k in base:  # DARE: drop half of each delta at random, rescale the rest by 2, average
         kept = [(torch.rand(base[k].shape, generator=gd) < 0.5).float() * 2 * (f[k] - base[k]) for f in (ft1, ft2)]
         dare[k] = (base[k] + 0.5 * kept[0] + 0.5 * kept[1]).to(torch.bfloat16)
-    add("dare 0.5/0.5 density 0.5 (torch)", save(root / "dare", dare), fam, "blend", family="dare")
+    add("dare 0.5/0.5 density 0.5 (torch)", save(root / "dare", dare), fam, "blend", family="dare", election=False)
     add("ties 0.5/0.5 density 0.5 (torch)", save(root / "ties", ties(base, [ft1, ft2], 0.5)), fam, "blend", family="ties")
     mk = {
         "linear": (
@@ -396,6 +396,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
         if folder is not None:
             family = {"ties": "ties", "breadcrumbs": "breadcrumbs", "della": "della", "sce": "sce"}.get(method)
             family = family or ("dare" if method.startswith("dare") else None)
+            election = {"dare_ties": True, "dare_linear": False}.get(method)  # sign election (explain/consensus.py)
             add(
                 f"mergekit {method}",
                 folder,
@@ -405,6 +406,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
                 base="base" if "base_model: {base}" in tmpl else None,
                 family=family,
                 method="model_stock" if method == "model_stock" else None,
+                **({"election": election} if election is not None else {}),
             )
     if with_mergekit:  # task negation: a fine-tune's delta subtracted, written on the declared base
         tmpl = "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: -0.5}}\ndtype: bfloat16\n"
@@ -497,6 +499,10 @@ def judge(c: dict, v: dict) -> list[str]:
         wrong.append(f"parent {got[:1]} (none in the pool)")
     if c.get("parents") and not (c["parents"] <= set(got) <= c["parents"] | {"base"}):
         wrong.append(f"parents {got}")
+    if "election" in c:
+        got_e = ((v.get("evidence") or {}).get("sparse") or {}).get("sign_election", {}).get("elected")
+        if got_e is not c["election"]:
+            wrong.append(f"sign election {got_e}")
     if c.get("layer_map") and v.get("layer_map") != c["layer_map"]:
         wrong.append(f"layer_map {v.get('layer_map')}")
     if c.get("layer_sources"):

@@ -140,8 +140,10 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         near = (v.get("evidence", {}).get("blend", {}).get("median_near_frac") or {}).get(base)
         density = round(1 - near**0.5, 2) if near is not None and len(parents) == 2 else None
         rw = (v.get("evidence", {}).get("sparse") or {}).get("recipe_weights") or {}
+        election = (v.get("evidence", {}).get("sparse") or {}).get("sign_election") or {}
+        method = "dare_linear" if fam == "dare" and election.get("elected") is False else SPARSE_METHODS.get(fam, "dare_ties")
         cfg = {
-            "merge_method": SPARSE_METHODS.get(fam, "dare_ties"),
+            "merge_method": method,
             "base_model": src[base],
             "models": [
                 {
@@ -161,7 +163,16 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
             topk = min(1.0, math.ceil(round((1 - near) * 20, 6)) / 20) if near is not None else None
             cfg["parameters"] = {"select_topk": topk} if topk is not None else {}
             density = None
-        if rw:
+        if "ratio" in election:
+            notes.append(
+                f"{method}: where the parents' deltas disagree in sign the suspect follows them {election['ratio']:.3f} "
+                f"times as strongly as where they agree (interval {election['interval'][0]:.3f}-{election['interval'][1]:.3f}; "
+                + {True: "signs elected", False: "no election", None: "not told apart: dare_ties assumed"}[election["elected"]]
+                + ")"
+            )
+        if rw and election.get("elected"):
+            notes.append("weights: the fit where the parents' deltas agree in sign (election changes nothing there)")
+        elif rw:
             notes.append(
                 f"sparse merge, {fam} family (dropped-delta energy; kept deltas not renormalised): weights are the linear "
                 "projection divided by the share of each delta's energy kept"

@@ -71,6 +71,15 @@ MODEL_STOCK_TOL = 0.01
 #: deltas (0.31-0.33 for mergekit ties at density 0.5), DARE drops at random
 #: (0.93-0.94 for mergekit dare_ties and dare_linear).
 SPARSE_FAMILY = {"ties_max": 0.5, "dare_min": 0.75}
+#: A DARE merge elected signs (dare_ties) when the suspect follows its parents' deltas,
+#: where they disagree in sign, more strongly than where they agree: the ratio of the two
+#: fits' summed coefficients, less SIGN_ELECTION["se"] standard errors, above
+#: "elected_min" (mergekit dare_ties at density 0.5: 1.16; at 0.2 with weights 0.7/0.3,
+#: 1.02-1.04 in simulation); it added every kept delta (mergekit dare_linear and a torch
+#: DARE: 1.007-1.010, standard error 0.004)
+#: when the ratio plus that margin is below "linear_max"; in between, not told.
+#: Measured on at least "min_conflict" elements where the deltas disagree.
+SIGN_ELECTION = {"elected_min": 1.03, "linear_max": 1.025, "se": 3.0, "min_conflict": 20000}
 #: A passthrough (layer stack) takes whole matrices from at least two
 #: candidates, each supplying at least this share of the elements.
 PASSTHROUGH_MIN_SHARE = 0.1
