@@ -107,6 +107,7 @@ def test_a_dare_merge_is_certified_in_distribution(tmp_path):
     out = audit(tmp_path, made, paths)
     v = json.loads((out / "verdicts" / "suspect.json").read_text())
     assert v["verdict"] == "blend" and v["merge_family"] == "dare"
+    assert v["evidence"]["sparse"]["sign_election"]["elected"] is not True  # dare_linear elects no signs
     r = subprocess.run([LINEAGE, "certify", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
