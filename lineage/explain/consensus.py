@@ -29,7 +29,7 @@ import math
 import numpy as np
 
 from lineage.align import Index
-from lineage.consensus import MAX_CONSENSUS_TENSORS, ConsensusItem, ConsensusPart
+from lineage.consensus import MAX_CONSENSUS_ELEMENTS, MAX_CONSENSUS_TENSORS, ConsensusItem, ConsensusPart
 from lineage.explain.evidence import Evidence
 from lineage.explain.thresholds import SIGN_ELECTION
 from lineage.geometry import View
@@ -81,7 +81,9 @@ class SignElection:
         for name in sorted(s_ix.by_name, key=natural_key):
             se = s_ix.by_name[name]
             others = [b_ix.by_name.get(canonical(name)), *[ix.by_name.get(canonical(name)) for ix in p_ix]]
-            if len(se.shape) == 2 and all(o is not None and o.shape == se.shape for o in others):
+            if len(se.shape) != 2 or se.shape[1] > MAX_CONSENSUS_ELEMENTS:  # a row is the least a sample reads
+                continue
+            if all(o is not None and o.shape == se.shape for o in others):
                 chosen.append((name, se, others))
         if len(chosen) > MAX_CONSENSUS_TENSORS:  # evenly spaced over the model
             step = len(chosen) / MAX_CONSENSUS_TENSORS
@@ -89,7 +91,8 @@ class SignElection:
         items = []
         for name, se, others in chosen:
             views = [View((ix.seg(e),)) for ix, e in zip([b_ix, *p_ix], others)]
-            nbytes = se.nbytes + sum(e.nbytes for e in others)  # type: ignore[union-attr]
+            share = min(1.0, MAX_CONSENSUS_ELEMENTS / max(se.shape[0] * se.shape[1], 1))  # what the sample reads
+            nbytes = int(share * (se.nbytes + sum(e.nbytes for e in others)))  # type: ignore[union-attr]
             items.append(ConsensusItem(len(items), name, View((s_ix.seg(se),)), views[0], tuple(views[1:]), nbytes))
         return items
 
