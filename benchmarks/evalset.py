@@ -346,6 +346,15 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
             "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5}}\ndtype: bfloat16\n",
             {},
         ),
+        # weights other than the density: kept deltas land on 1.2 and 0.8 times the parents' (DARE still)
+        "dare_ties_0.6_0.4": (
+            "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.5}}\ndtype: bfloat16\n",
+            {},
+        ),
+        "dare_linear_0.6_0.4": (
+            "merge_method: dare_linear\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.6, density: 0.5}}\n  - model: {ft2}\n    parameters: {{weight: 0.4, density: 0.5}}\ndtype: bfloat16\n",
+            {},
+        ),
         "breadcrumbs": (
             "merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5, gamma: 0.01}}\n  - model: {ft2}\n    parameters: {{weight: 0.5, density: 0.5, gamma: 0.01}}\ndtype: bfloat16\n",
             {},
@@ -394,9 +403,10 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     for method, (tmpl, weights) in mk.items() if with_mergekit else []:
         folder = mergekit(root / f"mk-{method}", tmpl.format(base=paths[0], ft1=p_ft1, ft2=p_ft2))
         if folder is not None:
-            family = {"ties": "ties", "breadcrumbs": "breadcrumbs", "della": "della", "sce": "sce"}.get(method)
-            family = family or ("dare" if method.startswith("dare") else None)
-            election = {"dare_ties": True, "dare_linear": False}.get(method)  # sign election (explain/consensus.py)
+            made_by = tmpl.split("\n", 1)[0].removeprefix("merge_method: ")
+            family = {"ties": "ties", "breadcrumbs": "breadcrumbs", "della": "della", "della_linear": "della", "sce": "sce"}
+            family = family.get(made_by) or ("dare" if made_by.startswith("dare") else None)
+            election = {"dare_ties": True, "dare_linear": False}.get(made_by)  # sign election (explain/consensus.py)
             add(
                 f"mergekit {method}",
                 folder,

@@ -1,5 +1,8 @@
-"""Worker side of the sign-election test (explain/consensus.py): does a sparse merge elect signs?
+"""Worker side of explain/consensus.py: what a sparse merge did with the deltas it kept.
 
+Two questions, answered from one bounded sample of rows per matrix.
+
+Did it elect signs?
 TIES-style merges (mergekit's ties, dare_ties, breadcrumbs_ties, della)
 keep, per element, only the parents' deltas whose sign agrees with the sign
 of their weighted sum; linear ones (dare_linear, breadcrumbs, della_linear)
@@ -11,7 +14,15 @@ Gram matrix of [parents' deltas..., suspect's delta] over each part: the
 suspect's delta fitted on the parents' in each part gives two sets of
 coefficients, equal in expectation for a linear merge whose drops are
 random (DARE's mask does not look at signs) and apart for an elected one.
-Only small matrices travel back.
+
+By what factor was each parent's kept delta scaled (DARE: weight /
+density)? Where a parent's delta is large against the suspect's value
+(|p - b| >= |s| / SCALE_PRECISION, so that the storage rounding of s moves
+their ratio by well under 1%), the ratio (s - b) / (p - b) is that factor
+wherever only this parent's delta was kept: the mode of a histogram of the
+ratios (SCALE_BINS).
+
+Only small matrices and histograms travel back.
 """
 
 from __future__ import annotations
@@ -32,18 +43,30 @@ from lineage.reader import Reader
 MAX_CONSENSUS_ELEMENTS = 1 << 20
 #: Matrices read, evenly spaced over the model's eligible ones.
 MAX_CONSENSUS_TENSORS = 24
+#: Ratios (s - b) / (p - b) are histogrammed over +-SCALE_RANGE in bins of SCALE_BIN
+#: (|ratio| < SCALE_BIN * 10 is left out: elements where the delta was dropped).
+SCALE_RANGE = 4.0
+SCALE_BIN = 0.005
+SCALE_BINS = int(2 * SCALE_RANGE / SCALE_BIN)
+#: An element counts for a parent's ratio where |p - b| >= |s| / SCALE_PRECISION: the
+#: rounding of s (2^-9 of it) is then at most 2^-9 * SCALE_PRECISION of the delta.
+SCALE_PRECISION = 4.0
+#: Fewer precisely measured ratios than this per parent give no factor.
+SCALE_MIN_ELEMENTS = 2000
 
 
 @dataclass
 class ConsensusPart:
     """Grams of [parents' deltas..., suspect's delta] where the parents' deltas conflict in
-    sign (`conflict`) and elsewhere (`agree`), and the element counts."""
+    sign (`conflict`) and elsewhere (`agree`), the element counts, and per parent the
+    histogram of (s - b) / (p - b) where that is measured precisely (`scales`, k x SCALE_BINS)."""
 
     tensor: str
     conflict: np.ndarray
     agree: np.ndarray
     n_conflict: int
     n_agree: int
+    scales: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -70,6 +93,7 @@ class ConsensusItem:
         conflict = np.zeros((k + 1, k + 1))
         agree = np.zeros((k + 1, k + 1))
         n_conflict = n_agree = 0
+        scales = np.zeros((k, SCALE_BINS), dtype=np.int64)
         for a, b in sample_blocks(v.rows, want):
             base = decoded(reader, self.base, a, b).double().reshape(-1)
             cols = [decoded(reader, p, a, b).double().reshape(-1) - base for p in self.parents]
@@ -84,4 +108,10 @@ class ConsensusItem:
             agree += xa.T @ xa
             n_conflict += int(mixed.sum())
             n_agree += int((~mixed).sum())
-        return ConsensusPart(self.tensor, conflict, agree, n_conflict, n_agree)
+            s_abs, ds = np.abs(x[:, k] + base.numpy()), x[:, k]
+            for j in range(k):
+                ok = (np.abs(d[:, j]) * SCALE_PRECISION >= s_abs) & (d[:, j] != 0) & (ds != 0)
+                t = ds[ok] / d[ok, j]
+                t = t[(np.abs(t) >= 10 * SCALE_BIN) & (np.abs(t) < SCALE_RANGE)]
+                scales[j] += np.bincount(((t + SCALE_RANGE) / SCALE_BIN).astype(np.int64), minlength=SCALE_BINS)[:SCALE_BINS]
+        return ConsensusPart(self.tensor, conflict, agree, n_conflict, n_agree, scales)

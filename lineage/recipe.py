@@ -141,9 +141,19 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         density = round(1 - near**0.5, 2) if near is not None and len(parents) == 2 else None
         rw = (v.get("evidence", {}).get("sparse") or {}).get("recipe_weights") or {}
         election = (v.get("evidence", {}).get("sparse") or {}).get("sign_election") or {}
-        method = "dare_linear" if fam == "dare" and election.get("elected") is False else SPARSE_METHODS.get(fam, "dare_ties")
+        scales = (v.get("evidence", {}).get("sparse") or {}).get("kept_scale") or {}
+        by_scale = {
+            p["name"]: rw.get(p["name"], weight(v, p)) / scales[p["name"]]["scale"]
+            for p in parents
+            if fam == "dare" and scales.get(p["name"], {}).get("scale")
+        }
+        if by_scale and len(by_scale) == len(parents):  # DARE scales a kept delta by weight / density
+            density = round(sum(by_scale.values()) / len(by_scale), 2)
+        merge_method = (
+            "dare_linear" if fam == "dare" and election.get("elected") is False else SPARSE_METHODS.get(fam, "dare_ties")
+        )
         cfg = {
-            "merge_method": method,
+            "merge_method": merge_method,
             "base_model": src[base],
             "models": [
                 {
@@ -165,7 +175,7 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
             density = None
         if "ratio" in election:
             notes.append(
-                f"{method}: where the parents' deltas disagree in sign the suspect follows them {election['ratio']:.3f} "
+                f"{merge_method}: where the parents' deltas disagree in sign the suspect follows them {election['ratio']:.3f} "
                 f"times as strongly as where they agree (interval {election['interval'][0]:.3f}-{election['interval'][1]:.3f}; "
                 + {True: "signs elected", False: "no election", None: "not told apart: dare_ties assumed"}[election["elected"]]
                 + ")"
@@ -196,7 +206,13 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
                 "parent; a kept delta below the storage rounding looks dropped, so this is a lower bound, rounded up to "
                 "the next 0.05); its weights are not parameters (SCE weighs each delta by its energy)"
             )
-        if density:
+        if density and by_scale and len(by_scale) == len(parents):
+            notes.append(
+                f"density {density}: each parent's weight over the one factor its kept deltas were scaled by ("
+                + ", ".join(f"{n} {d:.3f}" for n, d in by_scale.items())
+                + ")"
+            )
+        elif density:
             notes.append(
                 f"density {density}: estimated from the {near:.2f} of elements left at {base}'s value (both deltas dropped: (1 - d)^2)"
             )

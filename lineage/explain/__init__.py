@@ -7,8 +7,8 @@ before any blend is fitted; among blends the most specific signature wins:
 sparse, then a merge trained afterwards, then Model Stock, then task
 arithmetic, then slerp, then linear; derived is what a
 related suspect is when no blend explains it). Refiners then amend that
-answer: for a DARE merge, whether it elected signs (explain/consensus.py),
-then a layer map, then a mixture of experts' experts renumbered and its
+answer: for a DARE merge, how it scaled the deltas it kept and whether it
+elected their signs (explain/consensus.py), then a layer map, then a mixture of experts' experts renumbered and its
 routers shifted (explain/experts.py), then undone permutations, then a
 residual stream permuted or rotated (explain/gauge.py; renumbered experts
 matched in its gauge) and, in that gauge, permutations again, then per-head
@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 
 from lineage.explain.base import Explainer
-from lineage.explain.consensus import SignElection
+from lineage.explain.consensus import KeptDeltas
 from lineage.explain.derived import Derived
 from lineage.explain.evidence import Candidate, Evidence
 from lineage.explain.experts import ExpertMatching, ExpertMatchingInGauge, ExpertRefit, RouterShift
@@ -63,7 +63,7 @@ REGISTRY: tuple[Explainer, ...] = (
     Linear(),
     Derived(),
     # refiners, on the answer above
-    SignElection(),
+    KeptDeltas(),
     LayerMap(),
     ExpertMatching(),
     ExpertRefit(),

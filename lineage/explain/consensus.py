@@ -1,25 +1,35 @@
-"""Refiner: did a DARE merge elect signs (dare_ties) or add every kept delta (dare_linear)?
+"""Refiner: what a DARE merge did with the deltas it kept.
 
 The dropped-delta energy (explain/sparse.py) tells which deltas a sparse
-merge dropped, not what it did with the ones it kept. TIES' sign election
-keeps, per element, only the deltas whose sign agrees with their weighted
-sum's, which matters only where the parents' deltas from the base disagree
-in sign. For a `blend` of the DARE family with its base and two or more
-parents, this step reads a bounded sample of rows of up to
-MAX_CONSENSUS_TENSORS matrices (lineage/consensus.py, as Ray work) and fits
-the suspect's delta on the parents' twice: where their deltas conflict in
-sign, and where they agree. DARE's random mask does not look at signs, so
-without election the two fits agree (their summed coefficients' ratio is 1);
-with it, where the deltas conflict the suspect follows the surviving
+merge dropped, not what it did with the ones it kept. For a `blend` of the
+DARE family with its base and two or more parents, this step reads a
+bounded sample of rows of up to MAX_CONSENSUS_TENSORS matrices
+(lineage/consensus.py, as Ray work) and asks two questions.
+
+By what factor was each parent's kept delta scaled? DARE scales it by its
+weight over the density. Where a parent's delta is large against the
+suspect's value, (s - b) / (p - b) is that factor wherever only this
+parent's delta was kept: the mode of its histogram. The recipe's density is
+then each parent's weight over its factor (0.50 for mergekit dare_ties at
+0.6 / 0.4 and density 0.5, where the share of elements left at the base's
+value says 0.47).
+
+Signs elected? TIES' sign election (dare_ties) keeps, per element, only
+the deltas whose sign agrees with their weighted sum's, which matters only
+where the parents' deltas from the base disagree in sign. The suspect's
+delta is fitted on the parents' twice, where their deltas conflict in sign
+and where they agree. DARE's random mask does not look at signs, so
+without election the two fits agree (their summed coefficients' ratio is
+1); with it, where the deltas conflict the suspect follows the surviving
 (larger) one at full weight, and the ratio rises (1.16 for mergekit
 dare_ties at density 0.5). Where they agree, the fit gives the recipe's
 weights, which the whole-tensor projection blurs when signs were elected.
+Magnitude-based drops (TIES, breadcrumbs, DELLA) raise the ratio without
+election, so only DARE is judged.
 
-The result is `evidence.sparse.sign_election`, a sentence in the
-explanation, and the recipe's merge_method (dare_ties or dare_linear) and,
-for dare_ties, its weights. Magnitude-based sparsifiers (TIES, breadcrumbs,
-DELLA) trim the deltas that conflicts shrink, so their ratio exceeds 1
-without election: they are not judged.
+The results are `evidence.sparse.kept_scale` and `.sign_election`,
+sentences in the explanation, and the recipe's merge_method (dare_ties or
+dare_linear), its density and, for dare_ties, its weights.
 """
 
 from __future__ import annotations
@@ -29,7 +39,16 @@ import math
 import numpy as np
 
 from lineage.align import Index
-from lineage.consensus import MAX_CONSENSUS_ELEMENTS, MAX_CONSENSUS_TENSORS, ConsensusItem, ConsensusPart
+from lineage.consensus import (
+    MAX_CONSENSUS_ELEMENTS,
+    MAX_CONSENSUS_TENSORS,
+    SCALE_BIN,
+    SCALE_BINS,
+    SCALE_MIN_ELEMENTS,
+    SCALE_RANGE,
+    ConsensusItem,
+    ConsensusPart,
+)
 from lineage.explain.evidence import Evidence
 from lineage.explain.thresholds import SIGN_ELECTION
 from lineage.geometry import View
@@ -52,8 +71,8 @@ def _fit(g: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray] | None:
     return beta, inv * rss / (n - k)
 
 
-class SignElection:
-    name = "sign_election"
+class KeptDeltas:
+    name = "kept_deltas"
     refines = True
 
     @staticmethod
@@ -103,48 +122,70 @@ class SignElection:
         assert verdict is not None
         base, parents = got
         parts = [r for r in results if isinstance(r, ConsensusPart)]
-        k = len(parents)
-        gc, ga = np.zeros((k + 1, k + 1)), np.zeros((k + 1, k + 1))
-        nc = na = 0
-        for p in parts:
-            gc, ga, nc, na = gc + p.conflict, ga + p.agree, nc + p.n_conflict, na + p.n_agree
-        fc, fa = _fit(gc, nc), _fit(ga, na)
-        out: dict = {"tensors": len(parts), "elements": nc + na, "conflict_elements": nc, "criteria": SIGN_ELECTION}
+        if not parts:
+            return None
+        sparse = dict(verdict["evidence"].get("sparse") or {})
+        scales = {n: scale_peak(sum(p.scales[j] for p in parts)) for j, n in enumerate(parents)}
+        sparse["kept_scale"] = {n: v for n, v in scales.items() if v}
+        sparse["sign_election"], said = election(parts, base, parents)
+        if sparse["sign_election"].get("elected"):
+            sparse["recipe_weights"] = sparse["sign_election"]["weights_where_signs_agree"]
+        if sparse["kept_scale"]:
+            said += (
+                " Where only one parent's delta was kept, it was scaled by "
+                + ", ".join(f"{v['scale']:.3f} ({n})" for n, v in sparse["kept_scale"].items())
+                + ": DARE's weight over the density."
+            )
         errors = [r for r in results if isinstance(r, str)]
         if errors:
-            out["errors"] = errors[:5]
-        sparse = dict(verdict["evidence"].get("sparse") or {})
-        if nc < SIGN_ELECTION["min_conflict"] or fc is None or fa is None or abs(float(fa[0].sum())) < 1e-12:
-            out["elected"] = None
-            sparse["sign_election"] = out
-            return {**verdict, "evidence": {**verdict["evidence"], "sparse": sparse}}
-        (bc, cc), (ba, ca) = fc, fa
-        sc, sa = float(bc.sum()), float(ba.sum())
-        ratio = sc / sa
-        se = math.sqrt(float(cc.sum()) / sa**2 + float(ca.sum()) * sc**2 / sa**4)
-        lo, hi = ratio - SIGN_ELECTION["se"] * se, ratio + SIGN_ELECTION["se"] * se
-        elected = True if lo > SIGN_ELECTION["elected_min"] else False if hi < SIGN_ELECTION["linear_max"] else None
-        out |= {
-            "ratio": round(ratio, 4),
-            "se": round(se, 5),
-            "interval": [round(lo, 4), round(hi, 4)],
-            "elected": elected,
-            "weights_where_signs_agree": {n: round(float(b), 4) for n, b in zip(parents, ba)},
-            "weights_where_signs_conflict": {n: round(float(b), 4) for n, b in zip(parents, bc)},
-        }
-        sparse["sign_election"] = out
-        if elected:
-            sparse["recipe_weights"] = out["weights_where_signs_agree"]
+            sparse["sign_election"]["errors"] = errors[:5]
         ev.analyses["sparse"] = sparse
-        how = {
-            True: "TIES-style sign election, as mergekit's dare_ties makes: where the deltas agree, the weights are "
-            + ", ".join(f"{n} {w:.3f}" for n, w in out["weights_where_signs_agree"].items()),
-            False: "no sign election: every kept delta was added, as mergekit's dare_linear does",
-            None: "whether signs were elected (dare_ties) or not (dare_linear) is not clear",
-        }[elected]
-        text = (
-            f" Where the parents' deltas from {base} disagree in sign ({nc / (nc + na):.0%} of {nc + na:,} sampled "
-            f"elements of {len(parts)} matrices), the suspect follows them {ratio:.3f} times as strongly as where they "
-            f"agree (interval {lo:.3f}-{hi:.3f}): {how}."
-        )
-        return {**verdict, "evidence": {**verdict["evidence"], "sparse": sparse}, "explanation": verdict["explanation"] + text}
+        return {**verdict, "evidence": {**verdict["evidence"], "sparse": sparse}, "explanation": verdict["explanation"] + said}
+
+
+def scale_peak(hist: np.ndarray) -> dict | None:
+    """The factor (s - b) / (p - b) takes most often, from its histogram (None: too few measured)."""
+    if hist.sum() < SCALE_MIN_ELEMENTS:
+        return None
+    centers = -SCALE_RANGE + (np.arange(SCALE_BINS) + 0.5) * SCALE_BIN
+    return {"scale": round(float(centers[int(hist.argmax())]), 3), "elements": int(hist.sum())}
+
+
+def election(parts: list[ConsensusPart], base: str, parents: list[str]) -> tuple[dict, str]:
+    """`evidence.sparse.sign_election` and the sentence that reports it."""
+    k = len(parents)
+    gc, ga = np.zeros((k + 1, k + 1)), np.zeros((k + 1, k + 1))
+    nc = na = 0
+    for p in parts:
+        gc, ga, nc, na = gc + p.conflict, ga + p.agree, nc + p.n_conflict, na + p.n_agree
+    fc, fa = _fit(gc, nc), _fit(ga, na)
+    out: dict = {"tensors": len(parts), "elements": nc + na, "conflict_elements": nc, "criteria": SIGN_ELECTION}
+    if nc < SIGN_ELECTION["min_conflict"] or fc is None or fa is None or abs(float(fa[0].sum())) < 1e-12:
+        out["elected"] = None
+        return out, ""
+    (bc, cc), (ba, ca) = fc, fa
+    sc, sa = float(bc.sum()), float(ba.sum())
+    ratio = sc / sa
+    se = math.sqrt(float(cc.sum()) / sa**2 + float(ca.sum()) * sc**2 / sa**4)
+    lo, hi = ratio - SIGN_ELECTION["se"] * se, ratio + SIGN_ELECTION["se"] * se
+    elected = True if lo > SIGN_ELECTION["elected_min"] else False if hi < SIGN_ELECTION["linear_max"] else None
+    out |= {
+        "ratio": round(ratio, 4),
+        "se": round(se, 5),
+        "interval": [round(lo, 4), round(hi, 4)],
+        "elected": elected,
+        "weights_where_signs_agree": {n: round(float(b), 4) for n, b in zip(parents, ba)},
+        "weights_where_signs_conflict": {n: round(float(b), 4) for n, b in zip(parents, bc)},
+    }
+    how = {
+        True: "TIES-style sign election, as mergekit's dare_ties makes: where the deltas agree, the weights are "
+        + ", ".join(f"{n} {w:.3f}" for n, w in out["weights_where_signs_agree"].items()),
+        False: "no sign election: every kept delta was added, as mergekit's dare_linear does",
+        None: "whether signs were elected (dare_ties) or not (dare_linear) is not clear",
+    }[elected]
+    said = (
+        f" Where the parents' deltas from {base} disagree in sign ({nc / (nc + na):.0%} of {nc + na:,} sampled "
+        f"elements of {len(parts)} matrices), the suspect follows them {ratio:.3f} times as strongly as where they "
+        f"agree (interval {lo:.3f}-{hi:.3f}): {how}."
+    )
+    return out, said

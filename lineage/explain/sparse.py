@@ -9,7 +9,8 @@ apart. The kernel measures, per parent, the energy of its delta over the
 elements where the suspect kept the base's value (`Stats.dropped`); per
 such element, against the parent's average delta energy per element:
 DARE drops at random, so about 1; TIES drops the smallest, far below 1
-(0.2 for a Gaussian delta at density 0.5). SPARSE_FAMILY holds the cuts.
+(0.2 for a Gaussian delta at density 0.5); DELLA drops at random but the
+small deltas more often, so a little below 1. SPARSE_FAMILY holds the cuts.
 SCE drops the same elements of every parent (where their deltas agree
 most), which leaves the base a positive share of the fit (blendfit.py).
 """
@@ -25,7 +26,7 @@ from lineage.explain.thresholds import SPARSE_FAMILY
 
 HOW = {
     "breadcrumbs": "the deltas it dropped are the small ones, and what it kept was not renormalised (breadcrumbs)",
-    "della": "the deltas it dropped are of typical size, and what it kept was rescaled element by element (DELLA)",
+    "della": ("the deltas it dropped are a little smaller than typical (DELLA drops at random, the smaller deltas more often)"),
     "breadcrumbs/della": "whether the dropped deltas were the small ones (breadcrumbs) or drawn by magnitude (DELLA) is not clear",
     "ties": "the deltas it dropped are the small ones (TIES trims by magnitude)",
     "dare": "the deltas it dropped are of typical size (DARE drops at random and rescales the rest)",
@@ -38,7 +39,7 @@ HOW = {
 
 
 def family(ev: Evidence, base: str, parents: list[str]) -> tuple[str, dict[str, float]]:
-    """TIES, DARE or undecided, and each parent's dropped-energy ratio, pooled over the
+    """TIES, DARE, DELLA or undecided, and each parent's dropped-energy ratio, pooled over the
     matrices whose stored statistics have `base` as their reference column."""
     num: dict[str, float] = defaultdict(float)
     den: dict[str, float] = defaultdict(float)
@@ -59,7 +60,7 @@ def family(ev: Evidence, base: str, parents: list[str]) -> tuple[str, dict[str, 
     if max(ratios.values()) <= SPARSE_FAMILY["ties_max"]:
         return "ties", ratios
     if min(ratios.values()) >= SPARSE_FAMILY["dare_min"]:
-        return "dare", ratios
+        return ("della" if max(ratios.values()) < SPARSE_FAMILY["della_max"] else "dare"), ratios
     return "ties/dare", ratios
 
 
@@ -109,7 +110,9 @@ class Sparse(Explanation):
             # DELLA's rescaled deltas leave the base a negative share, breadcrumbs drops the small ones)
             fam = ev.analyses["sparse"]["family"] = "sce"
         elif unnormalised:
-            fam = {"ties": "breadcrumbs", "dare": "della"}.get(fam, "breadcrumbs/della")
+            # kept deltas not landing on the parents: breadcrumbs (TIES' trim without renormalising), or
+            # a DARE or DELLA merge whose weights differ from what its rescale undoes
+            fam = {"ties": "breadcrumbs", "dare": "dare", "della": "della"}.get(fam, "breadcrumbs/della")
             ev.analyses["sparse"]["family"] = fam
             ev.analyses["sparse"]["recipe_weights"] = recipe_weights(ev, b, parents, ratios, fam)
         energy = (

@@ -69,8 +69,11 @@ TRAINED_MAX_BASE = 0.1
 MODEL_STOCK_TOL = 0.01
 #: Dropped-delta energy ratio (explain/sparse.py): TIES trims the smallest
 #: deltas (0.31-0.33 for mergekit ties at density 0.5), DARE drops at random
-#: (0.93-0.94 for mergekit dare_ties and dare_linear).
-SPARSE_FAMILY = {"ties_max": 0.5, "dare_min": 0.75}
+#: (0.93-0.94 for mergekit dare_ties and dare_linear, at weights 0.5 / 0.5 and
+#: 0.6 / 0.4), DELLA at random with a probability rising with the delta's
+#: magnitude rank (0.84-0.86 for mergekit della and della_linear, epsilon 0.1):
+#: below "della_max" a random drop is DELLA's.
+SPARSE_FAMILY = {"ties_max": 0.5, "dare_min": 0.75, "della_max": 0.9}
 #: A DARE merge elected signs (dare_ties) when the suspect follows its parents' deltas,
 #: where they disagree in sign, more strongly than where they agree: the ratio of the two
 #: fits' summed coefficients, less SIGN_ELECTION["se"] standard errors, above
