@@ -100,7 +100,6 @@ def _run(s: Settings) -> list[dict]:
     workers = Workers(session, s, say)
     phases: dict[str, float] = {}
     t = time.perf_counter()
-    done = False
     try:
         plan = plan_audit(s.model_set)  # headers only: bad input fails before any work
         gc.freeze()  # the plan lives until the end: keep the collector from rescanning its millions of objects
@@ -130,34 +129,27 @@ def _run(s: Settings) -> list[dict]:
         t = time.perf_counter()
         verdicts = decide(plan, s, workers)
         phases["decide"] = time.perf_counter() - t
-        done = True
     finally:
         workers.close()
-        if done:
-            session.stop_soon()  # Ray stops while the report is written (it needs no Ray)
-        else:
-            session.stop()
+        t = time.perf_counter()
+        session.stop()
+        phases["ray stop"] = time.perf_counter() - t
+    phases["waiting for ray"] = session.seconds
+    log_run(s.output_dir, bytes_screening=read_screening, bytes_fit=reducer.bytes_read, seconds=phases)
     print(table(verdicts), flush=True)
     if workers.runner is not None:
         say(
             f"driver: at most {workers.runner.peak_in_flight} units in flight (cap {workers.max_in_flight}), "
             f"at most {reducer.writer.max_buffered} rows buffered (flush at {s.flush_rows})"
         )
+    say(f"read {(read_screening + reducer.bytes_read) / 1e9:.2f} GB; " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
     t = time.perf_counter()
     try:
         report = render(s.output_dir, s.model_set.name).name
     except Exception as e:  # noqa: BLE001 - the report is a view of results already written: never lose them for it
         report = "no report.html"
         say(f"warning: report.html could not be written ({type(e).__name__}: {e}); `lineage report {s.output_dir}` retries")
-    finally:
-        phases["report"] = time.perf_counter() - t
-        t = time.perf_counter()
-        session.stop()
-        phases["ray stop"] = time.perf_counter() - t  # what is left of it once the report is written
-    phases["waiting for ray"] = session.seconds
-    log_run(s.output_dir, bytes_screening=read_screening, bytes_fit=reducer.bytes_read, seconds=phases)
-    say(f"read {(read_screening + reducer.bytes_read) / 1e9:.2f} GB; " + ", ".join(f"{k} {v:.2f}s" for k, v in phases.items()))
-    say(f"wrote {s.output_dir}/tensors, verdicts.parquet, verdicts/*.json, {report}")
+    say(f"wrote {s.output_dir}/tensors, verdicts.parquet, verdicts/*.json, {report} ({time.perf_counter() - t:.2f}s)")
     return verdicts
 
 

@@ -161,13 +161,8 @@ class RaySession:
             check_resources(self.s, embedded=self.started and not self.address, say=self.say)
             self._checked = True
 
-    def stop_soon(self) -> None:
-        """Begin shutting down the Ray this session started, without waiting (the driver writes
-        its report meanwhile); `stop` waits for it."""
-        self._stop.set()
-
     def stop(self) -> None:
-        """Shut down the Ray this session started (in the thread that started it), and wait."""
+        """Shut down the Ray this session started (in the thread that started it)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
