@@ -18,11 +18,11 @@ pytest.importorskip("gcp_storage_emulator")
 
 from lineage.audit import run_local  # noqa: E402
 from lineage.errors import LineageError  # noqa: E402
-from lineage.options import FitOptions  # noqa: E402
 from lineage.remote import objectstore  # noqa: E402
 from lineage.source import resolve  # noqa: E402
 from tests.golden import rows_snapshot  # noqa: E402
 from tests.test_hub import REPO, blend_set, trio  # noqa: E402
+from tests.test_s3 import audit_equals_the_same_audit_on_disk, changed_objects_are_error_rows_and_refuse_a_resume, upload  # noqa: E402
 
 
 def _free_port() -> int:
@@ -61,50 +61,13 @@ def gcs(monkeypatch):
         server.wait(timeout=30)
 
 
-def upload(store, models: dict) -> dict[str, str]:
-    """Each folder under models/NAME; name -> gs:// source."""
-    for name, folder in models.items():
-        for f in folder.iterdir():
-            with store.open_output_stream(f"models/{name}/{f.name}") as out:
-                out.write(f.read_bytes())
-    return {name: f"gs://models/{name}" for name in models}
-
-
 def test_audit_over_gcs_equals_the_same_audit_on_disk(gcs, tmp_path):
-    _, store = gcs
-    models = trio(tmp_path / "m")
-    src = upload(store, models)
-    (local,) = run_local(blend_set(models), tmp_path / "local")
-    (remote,) = run_local(blend_set(src), tmp_path / "remote")
-    assert rows_snapshot(tmp_path / "remote") == rows_snapshot(tmp_path / "local")
-    assert remote["verdict"] == "blend" and remote["parents"] == local["parents"]
-    files = remote["sources"]["ft"]["files"]
-    assert files["model-00002-of-00002.safetensors"]["size"] == (models["ft"] / "model-00002-of-00002.safetensors").stat().st_size
-    assert all(f["mtime_ns"] > 0 for f in files.values())
+    remote = audit_equals_the_same_audit_on_disk(gcs[1], tmp_path, "gs://")
     assert remote["sources"]["ft"]["commit"].startswith("gs:")
 
 
 def test_changed_objects_are_error_rows_and_refuse_a_resume(gcs, tmp_path):
-    from lineage.audit import Reducer, plan_audit
-    from lineage.output import read_rows
-    from lineage.work import run_unit
-
-    _, store = gcs
-    models = trio(tmp_path / "m")
-    src = upload(store, models)
-    run_local(blend_set(src), tmp_path / "done")
-    plan = plan_audit(blend_set(src)).pack(1 << 30)
-    data = (models["mix"] / "model.safetensors").read_bytes()
-    with store.open_output_stream("models/mix/model.safetensors") as out:
-        out.write(data + b" " * 1024)  # replaced after planning: the planned offsets would read other bytes
-    red = Reducer(plan, tmp_path / "o")
-    for u in plan.units:
-        red.add(run_unit(u, FitOptions(base="base")), u.uid)
-    red.finish()
-    reasons = {r["reason"] for r in read_rows(tmp_path / "o", "mix")}
-    assert any("the object changed since the audit was planned" in r for r in reasons), reasons
-    with pytest.raises(LineageError, match="objects under gs://models/mix changed"):
-        run_local(blend_set(src), tmp_path / "done")
+    changed_objects_are_error_rows_and_refuse_a_resume(gcs[1], tmp_path, "gs://")
 
 
 def test_missing_prefix_bad_url_and_dead_store_are_one_line_errors(gcs, tmp_path, monkeypatch):
@@ -133,7 +96,7 @@ def test_command_line_audit_of_gcs_sources_on_ray(gcs, tmp_path):
     """`python -m jobs.audit` with gs:// sources: real Ray workers read their own ranges."""
     host, store = gcs
     models = trio(tmp_path / "m")
-    upload(store, models)
+    upload(store, models, "gs://")
     conf = tmp_path / "conf" / "model_set"
     conf.mkdir(parents=True)
     (conf / "g.yaml").write_text(

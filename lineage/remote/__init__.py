@@ -17,12 +17,43 @@ few spans of a file at once.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 #: Object stores (remote/objectstore.py).
 OBJECT_SCHEMES = ("s3://", "gs://")
 REMOTE_SCHEMES = ("http://", "https://", *OBJECT_SCHEMES)
+#: Largest single request; bigger reads are split and fetched `concurrency` at a time.
+PIECE = 4 << 20
+#: Longest wait between two attempts of one request.
+MAX_BACKOFF_S = 8.0
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if n not in _pools:
+            _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lineage-fetch")
+        return _pools[n]
+
+
+def fetch_pieces(get: Callable[[int, memoryview], None], offset: int, out: memoryview, concurrency: int) -> None:
+    """Fill `out` with the bytes at `offset` by `get(offset, view)` requests of at most PIECE
+    bytes, `concurrency` of them in flight at once (one process-wide pool per concurrency)."""
+    n = len(out)
+    pieces = [(a, min(n, a + PIECE)) for a in range(0, n, PIECE)]
+    if len(pieces) == 1 or concurrency <= 1:
+        for a, b in pieces:
+            get(offset + a, out[a:b])
+        return
+    futs = [_pool(concurrency).submit(get, offset + a, out[a:b]) for a, b in pieces]
+    for fut in futs:
+        fut.result()
 
 
 @dataclass(frozen=True)

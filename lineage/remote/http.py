@@ -26,27 +26,13 @@ from __future__ import annotations
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from lineage.errors import LineageError
-from lineage.remote import RemoteOptions
+from lineage.remote import MAX_BACKOFF_S, RemoteOptions, fetch_pieces
 
 #: Status codes worth retrying: rate limits and server-side trouble.
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-MAX_BACKOFF_S = 8.0
-#: Largest single request; bigger reads are split and fetched `concurrency` at a time.
-PIECE = 4 << 20
 TIMEOUT_S = 60.0
-
-_pools: dict[int, ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def _pool(n: int) -> ThreadPoolExecutor:
-    with _pools_lock:
-        if n not in _pools:
-            _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lineage-fetch")
-        return _pools[n]
 
 
 def normalize_etag(value: str | None) -> str | None:
@@ -86,14 +72,7 @@ class HttpRangeFile:
             return
         if self._cache is not None and self._cache.read(offset, out):
             return
-        pieces = [(a, min(n, a + PIECE)) for a in range(0, n, PIECE)]
-        if len(pieces) == 1 or self.opts.concurrency <= 1:
-            for a, b in pieces:
-                self._get(offset + a, out[a:b])
-        else:
-            futs = [_pool(self.opts.concurrency).submit(self._get, offset + a, out[a:b]) for a, b in pieces]
-            for f in futs:
-                f.result()
+        fetch_pieces(self._get, offset, out, self.opts.concurrency)
         if self._cache is not None:
             self._cache.write(offset, out)
 

@@ -36,11 +36,8 @@ from functools import cache
 from lineage.errors import LineageError
 from lineage.files import MAX_INDEX_BYTES, Stamp
 from lineage.header import Header
-from lineage.remote import OBJECT_SCHEMES, RemoteOptions, ranged_header
+from lineage.remote import MAX_BACKOFF_S, OBJECT_SCHEMES, RemoteOptions, fetch_pieces, ranged_header
 
-#: Largest single read; bigger reads are split and read `concurrency` at a time (as over HTTP).
-PIECE = 4 << 20
-MAX_BACKOFF_S = 8.0
 #: Seconds google-cloud-cpp may spend retrying one call before lineage's own retry takes over
 #: (its default is 15 minutes, which is a hang to whoever waits).
 SDK_RETRY_S = 20.0
@@ -148,16 +145,7 @@ class ObjectRangeFile:
             raise LineageError(f"{self.url}: bytes [{offset}, {offset + n}) lie outside the object's {self.size} bytes")
         if n == 0:
             return
-        pieces = [(a, min(n, a + PIECE)) for a in range(0, n, PIECE)]
-        if len(pieces) == 1 or self.opts.concurrency <= 1:
-            for a, b in pieces:
-                self._get(offset + a, out[a:b])
-        else:
-            from lineage.remote.http import _pool
-
-            futs = [_pool(self.opts.concurrency).submit(self._get, offset + a, out[a:b]) for a, b in pieces]
-            for fut in futs:
-                fut.result()
+        fetch_pieces(self._get, offset, out, self.opts.concurrency)
 
     def _read_at(self, n: int, offset: int):
         """One read; a handle that failed is dropped, so the next attempt opens (and checks) the
