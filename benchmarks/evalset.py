@@ -33,6 +33,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from benchmarks import attacks, moe, wild
@@ -311,8 +312,23 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
     for k in base:  # DARE: drop half of each delta at random, rescale the rest by 2, average
         kept = [(torch.rand(base[k].shape, generator=gd) < 0.5).float() * 2 * (f[k] - base[k]) for f in (ft1, ft2)]
         dare[k] = (base[k] + 0.5 * kept[0] + 0.5 * kept[1]).to(torch.bfloat16)
-    add("dare 0.5/0.5 density 0.5 (torch)", save(root / "dare", dare), fam, "blend", family="dare", election=False)
-    add("ties 0.5/0.5 density 0.5 (torch)", save(root / "ties", ties(base, [ft1, ft2], 0.5)), fam, "blend", family="ties")
+    add(
+        "dare 0.5/0.5 density 0.5 (torch)",
+        save(root / "dare", dare),
+        fam,
+        "blend",
+        family="dare",
+        election=False,
+        recipe={"merge_method": "dare_linear", "density": 0.5},
+    )
+    add(
+        "ties 0.5/0.5 density 0.5 (torch)",
+        save(root / "ties", ties(base, [ft1, ft2], 0.5)),
+        fam,
+        "blend",
+        family="ties",
+        recipe={"merge_method": "ties", "density": 0.5},
+    )
     mk = {
         "linear": (
             "merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.3}}\n  - model: {ft2}\n    parameters: {{weight: 0.7}}\ndtype: bfloat16\n",
@@ -407,6 +423,15 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
             family = {"ties": "ties", "breadcrumbs": "breadcrumbs", "della": "della", "della_linear": "della", "sce": "sce"}
             family = family.get(made_by) or ("dare" if made_by.startswith("dare") else None)
             election = {"dare_ties": True, "dare_linear": False}.get(made_by)  # sign election (explain/consensus.py)
+            sparse_made = made_by in (
+                "ties",
+                "dare_ties",
+                "dare_linear",
+                "breadcrumbs",
+                "breadcrumbs_ties",
+                "della",
+                "della_linear",
+            )
             add(
                 f"mergekit {method}",
                 folder,
@@ -417,6 +442,7 @@ def cases(root: Path, seeds: int, with_mergekit: bool = True) -> list[dict]:
                 family=family,
                 method="model_stock" if method == "model_stock" else None,
                 **({"election": election} if election is not None else {}),
+                **({"recipe": {"merge_method": made_by, "density": 0.5}} if sparse_made else {}),
             )
     if with_mergekit:  # task negation: a fine-tune's delta subtracted, written on the declared base
         tmpl = "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1.0}}\n  - model: {ft2}\n    parameters: {{weight: -0.5}}\ndtype: bfloat16\n"
@@ -515,6 +541,13 @@ def judge(c: dict, v: dict) -> list[str]:
         got_e = ((v.get("evidence") or {}).get("sparse") or {}).get("sign_election", {}).get("elected")
         if got_e is (not c["election"]):
             wrong.append(f"sign election {got_e}")
+    if c.get("recipe") and c.get("out"):  # the recipe's method and density (to 0.05), as mergekit was given them
+        rec = yaml.safe_load((Path(c["out"]) / v["recipe"]).read_text()) if v.get("recipe") else {}
+        if rec.get("merge_method") != c["recipe"]["merge_method"]:
+            wrong.append(f"recipe merge_method {rec.get('merge_method')}")
+        dens = [m.get("parameters", {}).get("density") for m in rec.get("models", [])]
+        if any(d is None or abs(d - c["recipe"]["density"]) > 0.05 for d in dens):
+            wrong.append(f"recipe density {dens}")
     if c.get("layer_map") and v.get("layer_map") != c["layer_map"]:
         wrong.append(f"layer_map {v.get('layer_map')}")
     if c.get("layer_sources"):
@@ -589,7 +622,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--sample", type=float, default=0.0, help="also audit every case at this fit.sample_fraction and compare")
     ap.add_argument("--keep", action="store_true", help="reuse the models built by an earlier run in --dir")
-    ap.add_argument("--only", default="", help="audit only the cases whose name contains this")
+    ap.add_argument("--only", default="", help="audit only the cases whose name contains this (or one of a|b|c)")
     ap.add_argument("--certify", action="store_true", help="run every recovered recipe with mergekit and compare")
     a = ap.parse_args()
     sampled: list[tuple[str, bool, float | None, float | None]] = []
@@ -603,10 +636,10 @@ def main() -> None:
     sched_errors: list[tuple[str, float]] = []
     certs: list[tuple] = []
     for c in cases(root / "models", a.seeds):
-        if a.only not in c["name"]:
+        if not any(s in c["name"] for s in a.only.split("|")):
             continue
         ms = model_set(c)
-        out = root / "audits" / c["name"].replace(" ", "_").replace("/", "-")
+        out = c["out"] = root / "audits" / c["name"].replace(" ", "_").replace("/", "-")
         shutil.rmtree(out, ignore_errors=True)
         (v,) = run_local(ms, out)
         got = v["verdict"]

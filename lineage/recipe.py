@@ -7,9 +7,11 @@ each parent's weight (or slerp's t) as a scalar, a gradient (the schedule's
 anchors) or a per-filter list (`self_attn`, `mlp`, and the value for the
 rest), passthrough `slices` from `layer_sources`, and the suspect's dtype.
 Every field comes from the verdict, and the comment block above it says
-from what evidence. What weights cannot give is said there too: a sparse
-merge's density is an estimate, DARE's random masks cannot be replayed, and
-a merge trained afterwards is reproduced only up to that training.
+from what evidence. What weights cannot give is said there too: a random
+sparse merge's density (DARE, DELLA) is an estimate and its masks cannot be
+replayed, and a merge trained afterwards is reproduced only up to that
+training. (TIES and breadcrumbs, which drop by magnitude, are read exactly:
+explain/consensus.py.)
 """
 
 from __future__ import annotations
@@ -142,6 +144,7 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         rw = (v.get("evidence", {}).get("sparse") or {}).get("recipe_weights") or {}
         election = (v.get("evidence", {}).get("sparse") or {}).get("sign_election") or {}
         scales = (v.get("evidence", {}).get("sparse") or {}).get("kept_scale") or {}
+        told = (v.get("evidence", {}).get("sparse") or {}).get("recipe") or {}  # explain/consensus.py
         by_scale = {
             p["name"]: rw.get(p["name"], weight(v, p)) / scales[p["name"]]["scale"]
             for p in parents
@@ -149,22 +152,30 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         }
         if by_scale and len(by_scale) == len(parents):  # DARE scales a kept delta by weight / density
             density = round(sum(by_scale.values()) / len(by_scale), 2)
-        merge_method = (
+        merge_method = told.get("merge_method") or (
             "dare_linear" if fam == "dare" and election.get("elected") is False else SPARSE_METHODS.get(fam, "dare_ties")
         )
+        dens = told.get("density") or {}
+        gamma = told.get("gamma") or {}
         cfg = {
             "merge_method": merge_method,
             "base_model": src[base],
             "models": [
                 {
                     "model": src[p["name"]],
-                    "parameters": {"weight": rw.get(p["name"], weight(v, p)), **({"density": density} if density else {})},
+                    "parameters": {
+                        "weight": rw.get(p["name"], weight(v, p)),
+                        **({"density": dens.get(p["name"], density)} if dens.get(p["name"], density) else {}),
+                        **({"gamma": gamma[p["name"]]} if p["name"] in gamma else {}),
+                    },
                 }
                 for p in parents
             ],
         }
         if fam == "della":
-            cfg["parameters"] = {"epsilon": 0.1}
+            cfg["parameters"] = {"epsilon": told.get("epsilon", 0.1), **({"lambda": told["lambda"]} if "lambda" in told else {})}
+        if "normalize" in told:
+            cfg["parameters"] = {**cfg.get("parameters", {}), "normalize": told["normalize"]}
         if fam == "sce":  # SCE weighs each parent by its delta's energy, and drops one shared mask
             for m in cfg["models"]:
                 m.pop("parameters")
@@ -173,14 +184,34 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
             topk = min(1.0, math.ceil(round((1 - near) * 20, 6)) / 20) if near is not None else None
             cfg["parameters"] = {"select_topk": topk} if topk is not None else {}
             density = None
-        if "ratio" in election:
+        kept = (v.get("evidence", {}).get("sparse") or {}).get("kept_deltas") or {}
+        if "ratio" in kept and election.get("elected") is kept.get("elected"):
+            notes.append(
+                f"{merge_method}: where the parents' deltas disagree in sign both were added {kept['ratio']:.3f} times as "
+                f"often as where they agree (interval {kept['interval'][0]:.3f}-{kept['interval'][1]:.3f}; "
+                + {True: "signs elected", False: "no election", None: "not told apart"}[kept["elected"]]
+                + ")"
+            )
+        elif "ratio" in election:
             notes.append(
                 f"{merge_method}: where the parents' deltas disagree in sign the suspect follows them {election['ratio']:.3f} "
                 f"times as strongly as where they agree (interval {election['interval'][0]:.3f}-{election['interval'][1]:.3f}; "
                 + {True: "signs elected", False: "no election", None: "not told apart: dare_ties assumed"}[election["elected"]]
                 + ")"
             )
-        if rw and election.get("elected"):
+        if rw and kept.get("normalized"):
+            notes.append(
+                "weights: the shares of the added deltas where both were kept and agree ("
+                + ", ".join(f"{n} {c:.3f}" for n, c in kept["added_coefficients"].items())
+                + "), as mergekit's normalize divides by the weights kept"
+            )
+        elif rw and kept.get("magnitude") and kept.get("normalized") is False:
+            notes.append(
+                "weights: the one factor each parent's kept deltas were scaled by where kept alone ("
+                + ", ".join(f"{n} {f:.4f}" for n, f in kept["factors"].items())
+                + "); no rescale or normalisation"
+            )
+        elif rw and election.get("elected"):
             notes.append("weights: the fit where the parents' deltas agree in sign (election changes nothing there)")
         elif rw:
             notes.append(
@@ -196,9 +227,39 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
                 f"rescaled: kept deltas land on the parents' own values ({', '.join(f'{n} {e:.0%}' for n, e in near_parents(v, parents).items())} "
                 "of elements), as mergekit's rescale and renormalisation leave them"
             )
-        if fam in ("breadcrumbs", "breadcrumbs/della"):
+        if "normalize" in told:
+            notes.append(
+                f"normalize: {str(told['normalize']).lower()}: agreeing kept deltas were "
+                + ("divided by the weights kept" if told["normalize"] else "added as they are")
+                + f", unlike {merge_method}'s default"
+            )
+        if gamma:
+            notes.append(
+                "gamma: the share of each parent's deltas above the band of magnitudes it kept ("
+                + ", ".join(f"{n} {b['above_share']:.4f}" for n, b in kept["bands"].items())
+                + ")"
+            )
+        elif fam in ("breadcrumbs", "breadcrumbs/della"):
             notes.append("gamma (the largest deltas breadcrumbs also drops) is not measured: mergekit's default")
-        if fam == "della":
+        rate = kept.get("keep_rate") or {}
+        if fam == "della" and "epsilon" in told:
+            notes.append(
+                f"epsilon {told['epsilon']}, density {rate['density']:.3f}: a delta's kept rate rises with its magnitude "
+                f"rank in its row from {rate['intercept']:.3f} by {rate['slope']:.3f} (standard error {rate['slope_se']:.3f}): "
+                "2 epsilon, about the density"
+            )
+        elif fam == "dare" and "density" in told:
+            notes.append(
+                f"density {dens[parents[0]['name']]}: a delta's kept rate, flat over its magnitude rank in its row "
+                f"({rate['density']:.3f}; slope {rate['slope']:.3f}, standard error {rate['slope_se']:.3f})"
+            )
+        if told.get("carried"):
+            notes.append(
+                "each parent's kept-alone factor over the rescale that density gives (mergekit's, to the delta's L1 norm): "
+                + ", ".join(f"{n} {w:.4f}" for n, w in told["carried"].items())
+                + (" (the weights)" if kept.get("normalized") is False else " (lambda; the weights are the shares)")
+            )
+        if fam == "della" and "epsilon" not in told:
             notes.append("epsilon (the spread of DELLA's keep probabilities) is not measured: 0.1 assumed")
         if fam == "sce" and near is not None:
             notes.append(
@@ -206,7 +267,15 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
                 "parent; a kept delta below the storage rounding looks dropped, so this is a lower bound, rounded up to "
                 "the next 0.05); its weights are not parameters (SCE weighs each delta by its energy)"
             )
-        if density and by_scale and len(by_scale) == len(parents):
+        if dens and not kept.get("magnitude"):
+            pass  # DELLA's, from its keep rates (said above)
+        elif dens:
+            notes.append(
+                "density: the share of each parent's deltas in the band of magnitudes it kept ("
+                + ", ".join(f"{n} {b['kept_share']:.4f}" for n, b in kept["bands"].items())
+                + "; within 0.01 of a multiple of 0.05: that multiple)"
+            )
+        elif density and by_scale and len(by_scale) == len(parents):
             notes.append(
                 f"density {density}: each parent's weight over the one factor its kept deltas were scaled by ("
                 + ", ".join(f"{n} {d:.3f}" for n, d in by_scale.items())

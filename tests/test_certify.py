@@ -228,3 +228,59 @@ def test_a_merge_of_hub_models_is_certified_from_the_hub(tmp_path, monkeypatch):
         assert r.returncode == 0, r.stderr + r.stdout
         cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
         assert cert["exact"] and cert["within_storage_rounding"] == cert["tensors"] == len(base), cert
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "top"),
+    [
+        ("breadcrumbs_ties", "density: 0.4, gamma: 0.02", ""),
+        ("ties", "density: 0.3", "parameters: {normalize: false}\n"),
+    ],
+)
+def test_a_magnitude_merge_is_reproduced_exactly(tmp_path, method, params, top):
+    """mergekit's TIES and breadcrumbs drop deltas by magnitude, deterministically: the recipe's
+    method, weights, density, gamma and `normalize`, read from the kept deltas, rerun to the
+    suspect's very bits."""
+    paths, base, _ = family(tmp_path / "models")
+    made = mergekit(
+        tmp_path,
+        f"merge_method: {method}\nbase_model: {paths['base']}\nmodels:\n"
+        f"  - model: {paths['a']}\n    parameters: {{weight: 0.6, {params}}}\n"
+        f"  - model: {paths['b']}\n    parameters: {{weight: 0.3, {params}}}\n{top}dtype: bfloat16\n",
+    )
+    out = audit(tmp_path, made, paths, declared="base")
+    v = json.loads((out / "verdicts" / "suspect.json").read_text())
+    recipe = yaml.safe_load((out / v["recipe"]).read_text())
+    assert recipe["merge_method"] == method, recipe
+    assert (recipe.get("parameters") or {}).get("normalize", method == "ties") is (method == "ties" and not top), recipe
+    r = subprocess.run([LINEAGE, "certify", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    cert = json.loads((out / "verdicts" / "suspect.json").read_text())["certificate"]
+    assert cert["replayable"] and cert["exact"] and cert["within_storage_rounding"] == cert["tensors"] == len(base), cert
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_is_told_from_della_linear(tmp_path, method):
+    """DELLA elects signs and divides by the weights kept; della_linear adds every kept delta.
+    Both draw random masks (no exact rerun): the recipe names the method, the weights (della's
+    as their shares), the density and epsilon (from how a delta's kept rate rises with its
+    magnitude rank)."""
+    paths, _, _ = family(tmp_path / "models")
+    made = mergekit(
+        tmp_path,
+        f"merge_method: {method}\nbase_model: {paths['base']}\nmodels:\n"
+        f"  - model: {paths['a']}\n    parameters: {{weight: 0.6, density: 0.5, epsilon: 0.1}}\n"
+        f"  - model: {paths['b']}\n    parameters: {{weight: 0.3, density: 0.5, epsilon: 0.1}}\n"
+        "parameters: {lambda: 1.0}\ndtype: bfloat16\n",
+    )
+    out = audit(tmp_path, made, paths, declared="base")
+    v = json.loads((out / "verdicts" / "suspect.json").read_text())
+    assert (v["verdict"], v["merge_family"]) == ("blend", "della"), v["explanation"]
+    recipe = yaml.safe_load((out / v["recipe"]).read_text())
+    assert recipe["merge_method"] == method, recipe
+    w = {m["model"]: m["parameters"]["weight"] for m in recipe["models"]}
+    if method == "della":
+        assert w[str(paths["a"])] == pytest.approx(2 / 3, abs=0.01) and w[str(paths["b"])] == pytest.approx(1 / 3, abs=0.01)
+    else:  # the kept-alone factors over the rescale its keep rates give
+        assert w[str(paths["a"])] == pytest.approx(0.6, abs=0.01) and w[str(paths["b"])] == pytest.approx(0.3, abs=0.01)
+    assert recipe["parameters"]["epsilon"] == 0.1 and all(m["parameters"]["density"] == 0.5 for m in recipe["models"])

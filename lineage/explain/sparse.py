@@ -86,8 +86,10 @@ def recipe_weights(ev: Evidence, base: str, parents: list[dict], ratios: dict[st
 class Sparse(Explanation):
     name = "sparse"
 
-    def explain(self, ev: Evidence) -> dict | None:
-        if not is_blend(ev) or not blend_fit(ev).evidence["sparse"]:
+    def explain(self, ev: Evidence, confirmed: bool = False) -> dict | None:
+        """The sparse blend's verdict; `confirmed`: whether or not the linear fit makes it one (the
+        kept deltas, read element by element, have: explain/consensus.py)."""
+        if not confirmed and (not is_blend(ev) or not blend_fit(ev).evidence["sparse"]):
             return None
         fit, parents = blend_fit(ev), blend_parents(ev)
         e = fit.evidence
@@ -95,10 +97,20 @@ class Sparse(Explanation):
         unnormalised = e.get("sparse_unnormalised_base")
         shared = e.get("sparse_shared_mask_base")
         b = unnormalised or shared or (ev.declared if ev.declared in rest else (rest[0] if len(rest) == 1 else fit.base))
+        if confirmed:  # the base the kept deltas were read against, whatever share the linear fit gave it
+            b = ev.declared if ev.declared in ev.related else b
+            parents = [p for p in parents if p["name"] != b]
+            if b is None or len(parents) < 2:
+                return None
         assert b is not None
         desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
         fam, ratios = family(ev, b, [p["name"] for p in parents])
-        ev.analyses["sparse"] = {"dropped_energy_ratio": ratios, "family": fam, "criteria": SPARSE_FAMILY}
+        ev.analyses["sparse"] = {
+            "dropped_energy_ratio": ratios,
+            "family": fam,
+            "dropped_family": fam,  # by the dropped energy alone (explain/consensus.py may return to it)
+            "criteria": SPARSE_FAMILY,
+        }
         # kept deltas that land exactly on a parent's value were rescaled back to full size (DARE's
         # 1 / density, TIES's and DARE's renormalisation by the weights kept); breadcrumbs keeps them as
         # weighted, DELLA rescales element by element: neither lands on a parent

@@ -83,6 +83,52 @@ SPARSE_FAMILY = {"ties_max": 0.5, "dare_min": 0.75, "della_max": 0.9}
 #: when the ratio plus that margin is below "linear_max"; in between, not told.
 #: Measured on at least "min_conflict" elements where the deltas disagree.
 SIGN_ELECTION = {"elected_min": 1.03, "linear_max": 1.025, "se": 3.0, "min_conflict": 20000}
+#: With two parents, the sharper test (lineage/consensus.py): the share of kept elements where
+#: both deltas were added, where the parents' deltas conflict in sign over where they agree. An
+#: elected merge never adds opposite deltas (0.000 for mergekit ties, dare_ties,
+#: breadcrumbs_ties and della at density 0.5), a linear one does (0.58 for breadcrumbs,
+#: 0.88 della_linear, 0.97-0.99 dare_linear): elected when the interval (3 Poisson standard
+#: errors on each count) lies below "elected_max", not when above "linear_min", measured on at
+#: least "min_kept" kept elements where the deltas conflict and "min_combined" added ones where
+#: they agree.
+COMBINED = {"elected_max": 0.1, "linear_min": 0.25, "min_kept": 2000, "min_combined": 200}
+#: Where both deltas were kept and agree, the suspect's delta fitted on the two deltas, each
+#: times its factor, gives coefficients summing to 2 (added) or 1 (divided by the weights
+#: kept: mergekit's `normalize`), each within "normalized_within". A parent's kept deltas
+#: are a band of magnitudes (TIES, breadcrumbs) when the band holds at least "band_agreement"
+#: of the kept elements and leaves out as much of the dropped ones (0.94-1.00 for mergekit ties
+#: and breadcrumbs and a torch TIES, 0.23-0.37 for DARE and DELLA); breadcrumbs when more than "gamma_min" of the elements
+#: lie above it. Densities within "snap" of a multiple of 0.05 are written as that multiple.
+#: None of this is read when that fit leaves more than "added_residual_max" of the suspect's
+#: delta energy there (a clean merge leaves storage rounding, 1e-5 relative; training after
+#: the merge leaves far more).
+#: SCE keeps the same elements of every parent: where the parents' deltas agree, all but a
+#: sliver of the kept elements added both (0.9999 for mergekit sce); below "shared_min", each
+#: parent had its own mask (0.33 for DARE at density 0.5, 0.70 for TIES).
+KEPT = {
+    "normalized_within": 0.25,
+    "band_agreement": 0.8,
+    "gamma_min": 0.002,
+    "snap": 0.01,
+    "added_residual_max": 0.01,
+    "shared_min": 0.97,
+    "rising_min": 0.04,
+    "epsilon_snap": 0.02,
+    "lambda_within": 0.05,
+    "zero_min": 0.002,
+    "alone_min": 0.05,
+}
+#: ("zero_min", "alone_min") A suspect that the linear fit does not make a sparse blend (DARE
+#: at density 0.2 leaves 0.9 of the residual; at 0.8 only 4% of elements keep the base's value)
+#: is one when, element by element, at least "zero_min" of the precisely measured elements hold
+#: the base's value, at least "alone_min" each parent's delta alone, and the rest the two added
+#: within "added_residual_max" (a fine-tune or a dense merge holds no parent's delta alone).
+#: ("rising_min") A random merge's kept rate against the delta's magnitude rank in its row: DELLA's
+#: rises by 2 epsilon (0.17-0.20 for mergekit della and della_linear at epsilon 0.1, standard
+#: error 0.009), DARE's is flat (within 0.01). Rising by more than "rising_min" and 3 standard
+#: errors: DELLA; within half that (or 3 standard errors) of flat: DARE. Its epsilon is written
+#: as the multiple of 0.05 within "epsilon_snap" (0.083-0.101 measured for 0.1), and lambda
+#: only when it differs from 1 by more than "lambda_within".
 #: A passthrough (layer stack) takes whole matrices from at least two
 #: candidates, each supplying at least this share of the elements.
 PASSTHROUGH_MIN_SHARE = 0.1
