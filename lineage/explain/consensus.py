@@ -418,7 +418,7 @@ def clean(kept: dict | None, base: str, verdict: dict) -> str:
         return ""
     alone = kept["alone_share"]
     if (
-        kept["added_residual"] > KEPT["added_residual_max"]
+        kept["added_residual"] > KEPT["confirm_residual_max"]
         or kept["zero_share"] < KEPT["zero_min"]
         or min(alone.values()) < KEPT["alone_min"]
     ):

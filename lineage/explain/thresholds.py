@@ -117,12 +117,15 @@ KEPT = {
     "lambda_within": 0.05,
     "zero_min": 0.002,
     "alone_min": 0.05,
+    "confirm_residual_max": 0.002,
 }
 #: ("zero_min", "alone_min") A suspect that the linear fit does not make a sparse blend (DARE
 #: at density 0.2 leaves 0.9 of the residual; at 0.8 only 4% of elements keep the base's value)
 #: is one when, element by element, at least "zero_min" of the precisely measured elements hold
 #: the base's value, at least "alone_min" each parent's delta alone, and the rest the two added
-#: within "added_residual_max" (a fine-tune or a dense merge holds no parent's delta alone).
+#: within "confirm_residual_max" (a fine-tune or a dense merge holds no parent's delta alone;
+#: mergekit's sparse merges leave 2e-5, a mergekit task_arithmetic of two MoE fine-tunes whose
+#: deltas largely coincide 5e-3, with 6-9% of its elements looking like one delta alone).
 #: ("rising_min") A random merge's kept rate against the delta's magnitude rank in its row: DELLA's
 #: rises by 2 epsilon (0.17-0.20 for mergekit della and della_linear at epsilon 0.1, standard
 #: error 0.009), DARE's is flat (within 0.01). Rising by more than "rising_min" and 3 standard
