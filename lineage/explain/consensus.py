@@ -169,9 +169,9 @@ class KeptDeltas:
         parts = [r for r in results if isinstance(r, ConsensusPart)]
         if not parts:
             return None
+        kept = pooled(parts, parents)
         confirmed = ""
         if proposed is not None:  # the linear fit did not make it a sparse blend: only a clean read does
-            kept = pooled(parts, parents)
             confirmed = clean(kept, base, verdict)
             if not confirmed:
                 return None
@@ -179,9 +179,8 @@ class KeptDeltas:
         sparse = dict(verdict["evidence"].get("sparse") or {})
         scales = {n: scale_peak(sum(p.scales[j] for p in parts)) for j, n in enumerate(parents)}
         sparse["kept_scale"] = {n: v for n, v in scales.items() if v}
-        fam = verdict["merge_family"]
+        fam = named = verdict["merge_family"]
         sparse["sign_election"], said = election(parts, base, parents)
-        kept = pooled(parts, parents)
         explanation = verdict["explanation"] + confirmed
         if fam == "sce":
             alone = not_shared(kept)
@@ -190,7 +189,6 @@ class KeptDeltas:
             # kept alone: each parent had its own mask, which SCE's one mask cannot leave (the base's
             # share of the fit was the weights summing below 1)
             fam = sparse.get("dropped_family") or "ties/dare"
-            explanation = explanation.replace("(SCE family)", f"({fam.upper()} family)").replace(HOW["sce"], HOW[fam])
             said = (
                 f" Not SCE: where the parents' deltas agree, {alone:.1%} of the elements that kept one kept it alone, "
                 "which SCE's one mask for every parent never does."
@@ -218,6 +216,10 @@ class KeptDeltas:
         errors = [r for r in results if isinstance(r, str)]
         if errors:
             sparse["sign_election"]["errors"] = errors[:5]
+        if fam != named:  # the family the kept deltas name, in the sentence that named the first
+            explanation = explanation.replace(f"({named.upper()} family)", f"({fam.upper()} family)").replace(
+                HOW[named], HOW[fam]
+            )
         ev.analyses["sparse"] = sparse
         return {
             **verdict,
