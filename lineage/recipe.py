@@ -92,6 +92,8 @@ def recipe(v: dict, dtypes: list[str]) -> tuple[dict, list[str]] | None:
         notes.append(f"layer_map: suspect layers taken from {name} as {v['layer_map']}")
     elif v["verdict"] != "blend":
         return None
+    elif method == "unknown" and v.get("merge_family") and not v.get("base"):
+        return None  # a sparse merge on a base not among the candidates: mergekit needs the base
     elif method == "passthrough":
         cfg = {"merge_method": "passthrough", "slices": slices(v["layer_sources"], src)}
         notes.append("layer_sources: every layer a copy, within storage rounding, of the source layer")

@@ -120,3 +120,31 @@ def test_sparse_merges_at_low_and_high_density(tmp_path, method, density, weight
     total = 1.0 if method in ("ties", "della") else sum(weights)  # normalised: the weights' shares
     for n, w in zip(("ft1", "ft2"), weights):
         assert shares[str(paths[n])] == pytest.approx(w * total / sum(weights), abs=0.03), recipe
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "sibling"])
+def test_a_sparse_merge_audited_without_its_base(tmp_path, method):
+    """Audited against its two parents only, a TIES merge (and DARE at weight = density) still
+    coincides with each parent where only that parent's delta was kept: a blend on a base not
+    among the candidates, with no recipe (mergekit needs the base). A third fine-tune of the same
+    base, audited against the other two, coincides with neither and is no blend."""
+    base = init_llama(0)
+    g = torch.Generator().manual_seed(1)
+    tunes = [{k: v + 0.05 * v.std() * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(3)]
+    paths = {"ft1": save(tmp_path / "ft1", tunes[0]), "ft2": save(tmp_path / "ft2", tunes[1])}
+    made = tunes[2] if method == "sibling" else make(method, base, tunes[:2], [0.5, 0.5], 0.5)
+    suspect = save(tmp_path / "suspect", {k: v.to(torch.bfloat16) for k, v in made.items()})
+    ms = ModelSet.from_dict(
+        {
+            "name": "d",
+            "suspects": [{"name": "suspect", "source": str(suspect)}],
+            "candidates": [{"name": n, "source": str(p)} for n, p in paths.items()],
+        }
+    )
+    (v,) = run_local(ms, tmp_path / "out")
+    if method == "sibling":
+        assert v["verdict"] != "blend", v["explanation"]
+        return
+    assert (v["verdict"], v["merge_family"], v["base"]) == ("blend", "ties/dare", None), v["explanation"]
+    assert {p["name"]: round(p["weight"], 2) for p in v["parents"]} == {"ft1": 0.5, "ft2": 0.5}
+    assert "not among the candidates" in v["explanation"] and not v.get("recipe")

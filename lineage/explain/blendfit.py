@@ -22,6 +22,7 @@ from lineage.explain.thresholds import (
     MIN_WEIGHT,
     SPARSE_GAIN,
     SPARSE_NEAR,
+    SPARSE_NO_BASE_GAIN,
     TRAINED_GAIN,
     TRAINED_MAX_BASE,
     TRAINED_MIN_WEIGHT,
@@ -100,6 +101,18 @@ def _fit(ev: Evidence, free: bool) -> BlendFit:
     others = [n for n in use if n not in material]
     fitted_base = base or (bases.most_common(1)[0][0] if bases else None)
     sparse = bool(material) and bool(others) and all((near.get(n) or 0.0) >= SPARSE_NEAR for n in material + others[:1])
+    # With no base among the candidates, a sparse merge whose kept deltas land on their parents'
+    # values (TIES' renormalisation, DARE at weight = density) still coincides with each parent on
+    # a material share of elements, which no dense blend and no sibling fine-tune does.
+    no_base = (
+        not sparse
+        and not others
+        and len(material) >= 2
+        and all((near.get(n) or 0.0) >= SPARSE_NEAR for n in material)
+        and gain is not None
+        and gain <= SPARSE_NO_BASE_GAIN
+    )
+    sparse = sparse or no_base
     # A sparse merge that does not renormalise what it keeps (breadcrumbs; della's per-element
     # rescale) coincides with its base where every delta was dropped, but with no parent: the
     # base then carries a share of the affine fit. A dense blend coincides with no candidate.
@@ -144,6 +157,7 @@ def _fit(ev: Evidence, free: bool) -> BlendFit:
         "weights": weights,
         "within_sd": {n: schedules[n]["within_sd"] for n in schedules},
         "sparse": sparse,
+        "sparse_no_base": no_base,
         "sparse_unnormalised_base": unnormalised,
         "sparse_shared_mask_base": shared_mask,
         "trained_after": trained,
@@ -151,6 +165,7 @@ def _fit(ev: Evidence, free: bool) -> BlendFit:
         "criteria": {
             "gain_max": BLEND_GAIN,
             "gain_max_sparse": SPARSE_GAIN,
+            "gain_max_sparse_no_base": SPARSE_NO_BASE_GAIN,
             "gain_max_trained": TRAINED_GAIN,
             "trained_min_weight": TRAINED_MIN_WEIGHT,
             "trained_max_base_weight": TRAINED_MAX_BASE,

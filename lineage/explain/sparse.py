@@ -93,6 +93,8 @@ class Sparse(Explanation):
             return None
         fit, parents = blend_fit(ev), blend_parents(ev)
         e = fit.evidence
+        if e.get("sparse_no_base") and not confirmed:
+            return without_base(ev, parents)
         rest = [n for n in ev.related if n not in fit.material]
         unnormalised = e.get("sparse_unnormalised_base")
         shared = e.get("sparse_shared_mask_base")
@@ -149,3 +151,28 @@ class Sparse(Explanation):
             base=b,
             **extras(ev),
         )
+
+
+def without_base(ev: Evidence, parents: list[dict]) -> dict:
+    """A sparse merge whose base is not among the candidates: named a blend, its family and recipe
+    left open (both need the base's values)."""
+    e = blend_fit(ev).evidence
+    ev.analyses["sparse"] = {"family": "ties/dare", "base": None, "criteria": SPARSE_FAMILY}
+    desc = " + ".join(f"{p['weight']:.3f} x {p['name']}" for p in parents)
+    return document(
+        ev,
+        "blend",
+        parents,
+        f"{ev.suspect} is a sparsified merge of {', '.join(p['name'] for p in parents)} on a base that is not among the "
+        "candidates: it coincides with each of them, within storage rounding, on "
+        + ", ".join(f"{p['name']} {e['median_near_frac'][p['name']]:.0%}" for p in parents)
+        + " of elements, as a sparse merge leaves it where only that parent's delta was kept and brought back to full "
+        f"size (TIES' renormalisation, DARE at a weight equal to its density); no dense blend and no sibling fine-tune "
+        f"coincides with its parents so. Its linear fit, {desc} (95% intervals {intervals(parents)}), leaves "
+        f"{e['median_gain']:.0%} of the best single parent's residual, the drop pattern's noise. Add the base to the "
+        "candidates to name the method, its density and its recipe.",
+        method="unknown",
+        merge_family="ties/dare",
+        base=None,
+        **extras(ev),
+    )

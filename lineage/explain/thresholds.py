@@ -26,6 +26,10 @@ BLEND_GAIN = 0.7
 #: ...a sparsified merge (TIES/DARE), whose drop pattern is noise to a linear
 #: fit, at most this fraction.
 SPARSE_GAIN = 0.9
+#: ...and, with no base among the candidates (the suspect coinciding with each parent is then
+#: the only sign of a sparse merge), at most this: mergekit-style TIES and DARE at weight =
+#: density leave 0.70-0.74, a fine-tune fitted on two of its siblings 0.87-0.90.
+SPARSE_NO_BASE_GAIN = 0.8
 #: After the merge (explain/aftermerge.py): a matrix was changed when the blend leaves
 #: more than this many times the storage rounding (RMS) of its result...
 AFTER_CHANGED = 2.0
