@@ -101,18 +101,6 @@ def _fit(ev: Evidence, free: bool) -> BlendFit:
     others = [n for n in use if n not in material]
     fitted_base = base or (bases.most_common(1)[0][0] if bases else None)
     sparse = bool(material) and bool(others) and all((near.get(n) or 0.0) >= SPARSE_NEAR for n in material + others[:1])
-    # With no base among the candidates, a sparse merge whose kept deltas land on their parents'
-    # values (TIES' renormalisation, DARE at weight = density) still coincides with each parent on
-    # a material share of elements, which no dense blend and no sibling fine-tune does.
-    no_base = (
-        not sparse
-        and not others
-        and len(material) >= 2
-        and all((near.get(n) or 0.0) >= SPARSE_NEAR for n in material)
-        and gain is not None
-        and gain <= SPARSE_NO_BASE_GAIN
-    )
-    sparse = sparse or no_base
     # A sparse merge that does not renormalise what it keeps (breadcrumbs; della's per-element
     # rescale) coincides with its base where every delta was dropped, but with no parent: the
     # base then carries a share of the affine fit. A dense blend coincides with no candidate.
@@ -134,6 +122,17 @@ def _fit(ev: Evidence, free: bool) -> BlendFit:
             elif top in material and gain is not None and gain > BLEND_GAIN:
                 shared_mask = top
             sparse = bool(unnormalised or shared_mask)
+    # With no base among the candidates (its two parents only), a sparse merge whose kept deltas land
+    # on their parents' values (TIES' renormalisation, DARE at weight = density) still coincides with
+    # each parent on a material share of elements, which no dense blend and no sibling fine-tune does.
+    no_base = (
+        not sparse
+        and len(use) == len(material) == 2
+        and all((near.get(n) or 0.0) >= SPARSE_NEAR for n in material)
+        and gain is not None
+        and gain <= SPARSE_NO_BASE_GAIN
+    )
+    sparse = sparse or no_base
     # A merge of two or more models that derive from a base in the pool, trained (or sparsified)
     # afterwards: each carries a large share, and together they carry the whole delta from the
     # base, which keeps no weight (a merge takes its parents' deltas whole; a sibling's delta only
