@@ -60,12 +60,10 @@ from lineage.align import Index
 from lineage.consensus import (
     MAX_CONSENSUS_ELEMENTS,
     MAX_CONSENSUS_TENSORS,
-    SCALE_BIN,
-    SCALE_BINS,
     SCALE_MIN_ELEMENTS,
-    SCALE_RANGE,
     ConsensusItem,
     ConsensusPart,
+    factor,
 )
 from lineage.explain.blendfit import blend_fit
 from lineage.explain.evidence import Evidence
@@ -231,10 +229,8 @@ class KeptDeltas:
 
 def scale_peak(hist: np.ndarray) -> dict | None:
     """The factor (s - b) / (p - b) takes most often, from its histogram (None: too few measured)."""
-    if hist.sum() < SCALE_MIN_ELEMENTS:
-        return None
-    centers = -SCALE_RANGE + (np.arange(SCALE_BINS) + 0.5) * SCALE_BIN
-    return {"scale": round(float(centers[int(hist.argmax())]), 3), "elements": int(hist.sum())}
+    peak = factor(hist, SCALE_MIN_ELEMENTS)
+    return None if peak is None else {"scale": round(peak, 3), "elements": int(hist.sum())}
 
 
 def election(parts: list[ConsensusPart], base: str, parents: list[str]) -> tuple[dict, str]:
